@@ -1,0 +1,1 @@
+"""Server API for backends: publish, broadcast, history, channels, disconnect."""

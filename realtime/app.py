@@ -1,0 +1,67 @@
+"""Wires the parts together: config -> broker -> node -> listeners; start, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from realtime.api.server_api import ServerApi
+from realtime.brokers.memory import MemoryBroker
+from realtime.config import Config
+from realtime.core.broker import Broker
+from realtime.core.node import Node
+from realtime.log import event
+from realtime.transports.http import HttpServer
+from realtime.transports.websocket import WEBSOCKET_PATH, WebSocketServer
+
+log = logging.getLogger("realtime.app")
+
+
+def make_broker(config: Config) -> Broker:
+    if config.broker.type == "memory":
+        return MemoryBroker()
+    raise ValueError(f"unknown broker type {config.broker.type!r}")
+
+
+class Gateway:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or asyncio.get_running_loop()
+        self.node = Node(config, make_broker(config), self.loop)
+        self.websocket = WebSocketServer(self.node)
+        self.api = ServerApi(self.node)
+        self.http = HttpServer(self.api.handle, max_body=config.api.max_body_bytes)
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self.node.start()
+        server = self.config.server
+        await self.websocket.start(server.host, server.port)
+        await self.http.start(self.config.api.host, self.config.api.port)
+        event(
+            log,
+            "gateway_started",
+            node=self.node.name,
+            websocket=f"ws://{server.host}:{self.websocket.port}{WEBSOCKET_PATH}",
+            api=f"http://{self.config.api.host}:{self.http.port}",
+            broker=self.node.broker.name,
+            config=self.config.source,
+        )
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Graceful: stop accepting, tell clients to reconnect elsewhere, drain, close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        timeout = self.config.server.drain_timeout if drain_timeout is None else drain_timeout
+        open_connections = len(self.websocket.connections)
+        event(log, "gateway_draining", connections=open_connections, timeout=timeout)
+        self.websocket.stop_accepting()
+        self.node.begin_drain()
+        aborted = await self.websocket.drain(timeout)
+        await self.http.stop()
+        await self.node.stop()
+        event(log, "gateway_stopped", drained=open_connections - aborted, aborted=aborted)
+        self._stopped.set()

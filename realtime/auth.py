@@ -1,0 +1,136 @@
+"""JWT verification and the principal a connection acts as.
+
+The algorithm is pinned by configuration: a token signed with anything else (including
+"none") is refused. Claims:
+
+- ``sub``: the user id (required; "" is not a user);
+- ``exp``: expiry (required unless ``auth.require_exp = false``);
+- ``device``: optional device id;
+- ``subscribe`` / ``publish``: lists of channel filters (``rooms/+``, ``users/alice/#``);
+- ``info``: optional JSON object the app wants others to see (presence, later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from realtime.config import AuthConfig
+from realtime.core.topics import FilterSet, filter_error
+
+
+class AuthError(Exception):
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user: str
+    device: str = ""
+    expires_at: float = 0.0  # unix time; 0 = never
+    subscribe: FilterSet = field(default_factory=lambda: FilterSet(()))
+    publish: FilterSet = field(default_factory=lambda: FilterSet(()))
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _filters(claims: dict[str, Any], name: str) -> FilterSet:
+    value = claims.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise AuthError(f"claim {name!r} must be a list of channel filters")
+    for item in value:
+        problem = filter_error(item)
+        if problem:
+            raise AuthError(f"claim {name!r}: {item!r}: {problem}")
+    return FilterSet(value)
+
+
+class TokenVerifier:
+    def __init__(self, config: AuthConfig) -> None:
+        self.algorithm = config.algorithm
+        if config.algorithm.startswith("HS"):
+            self._key: Any = config.hmac_secret
+        else:
+            pem = config.public_key or Path(config.public_key_file).read_text()
+            self._key = pem
+        self._audience = config.audience or None
+        self._issuer = config.issuer or None
+        self._leeway = config.leeway
+        required = ["sub"] + (["exp"] if config.require_exp else [])
+        self._options: dict[str, Any] = {"require": required}
+
+    def verify(self, token: str) -> Principal:
+        if not token:
+            raise AuthError("no token: send it in connect.token, ?token= or Authorization")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self.algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,  # type: ignore[arg-type]
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired", expired=True) from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(f"token algorithm is not {self.algorithm}") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        user = claims.get("sub")
+        if not isinstance(user, str) or not user:
+            raise AuthError("claim 'sub' must be a non-empty string")
+        device = claims.get("device", "")
+        if not isinstance(device, str):
+            raise AuthError("claim 'device' must be a string")
+        info = claims.get("info", {})
+        if not isinstance(info, dict):
+            raise AuthError("claim 'info' must be an object")
+        exp = claims.get("exp", 0)
+        return Principal(
+            user=user,
+            device=device,
+            expires_at=float(exp or 0),
+            subscribe=_filters(claims, "subscribe"),
+            publish=_filters(claims, "publish"),
+            info=info,
+        )
+
+
+def mint_token(
+    config: AuthConfig,
+    user: str,
+    *,
+    ttl: float,
+    subscribe: list[str] | None = None,
+    publish: list[str] | None = None,
+    device: str = "",
+    private_key: str = "",
+    now: float | None = None,
+) -> str:
+    """Sign a token (HS* with the configured secret; RS*/ES* need `private_key`)."""
+    import time
+
+    issued = time.time() if now is None else now
+    claims: dict[str, Any] = {"sub": user, "iat": int(issued)}
+    if ttl > 0:
+        claims["exp"] = int(issued + ttl)
+    if subscribe:
+        claims["subscribe"] = subscribe
+    if publish:
+        claims["publish"] = publish
+    if device:
+        claims["device"] = device
+    if config.audience:
+        claims["aud"] = config.audience
+    if config.issuer:
+        claims["iss"] = config.issuer
+    key = config.hmac_secret if config.algorithm.startswith("HS") else private_key
+    if not key:
+        raise AuthError(f"{config.algorithm} needs a private key to sign (--private-key)")
+    return jwt.encode(claims, key, algorithm=config.algorithm)

@@ -1,0 +1,1 @@
+"""Broker implementations: memory (embedded default); Redis joins nodes into a cluster."""

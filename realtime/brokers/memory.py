@@ -1,0 +1,150 @@
+"""In-memory broker: one node alone, no Redis. The embedded default.
+
+History lives in a bounded deque per channel. The epoch of a stream is random per process,
+so after a restart every old position is from another epoch and recovery says so
+(`recovered=false`) instead of pretending.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+
+from realtime.core.broker import (
+    Broker,
+    BrokerHandler,
+    HistoryPolicy,
+    HistoryResult,
+    Publication,
+    PublishResult,
+    StreamPosition,
+)
+
+_NO_POSITION = StreamPosition(0, "")
+
+
+class _Stream:
+    __slots__ = ("entries", "epoch", "last_used", "meta_ttl", "top")
+
+    def __init__(self, size: int, meta_ttl: float, now: float) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.meta_ttl = meta_ttl
+        self.top = 0
+        # (expires_at, publication), oldest first.
+        self.entries: deque[tuple[float, Publication]] = deque(maxlen=max(size, 1))
+        self.last_used = now
+
+    def trim(self, now: float) -> None:
+        entries = self.entries
+        while entries and entries[0][0] <= now:
+            entries.popleft()
+
+
+class MemoryBroker(Broker):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._handler: BrokerHandler | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._subscribed: set[str] = set()
+        # (channel, key) -> (expires_at, result)
+        self._idempotency: dict[tuple[str, str], tuple[float, PublishResult]] = {}
+        self._now = time.monotonic
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+
+    async def close(self) -> None:
+        self._handler = None
+
+    def _stream(self, channel: str, policy: HistoryPolicy, now: float) -> _Stream:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(policy.size, policy.meta_ttl, now)
+        elif stream.entries.maxlen != max(policy.size, 1):
+            # The namespace's history size changed (config reload): keep what fits.
+            stream.entries = deque(stream.entries, maxlen=max(policy.size, 1))
+        stream.last_used = now
+        return stream
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        user: str = "",
+        client: str = "",
+        tags: dict[str, str] | None = None,
+        history: HistoryPolicy | None = None,
+        idempotency_key: str = "",
+        idempotency_ttl: float = 300.0,
+    ) -> PublishResult:
+        now = self._now()
+        if idempotency_key:
+            seen = self._idempotency.get((channel, idempotency_key))
+            if seen is not None and seen[0] > now:
+                return PublishResult(seen[1].position, duplicate=True)
+        if history is not None and history.size > 0:
+            stream = self._stream(channel, history, now)
+            stream.top += 1
+            pub = Publication(stream.top, data, user, client, tags)
+            stream.entries.append((now + history.ttl, pub))
+            result = PublishResult(StreamPosition(stream.top, stream.epoch))
+        else:
+            pub = Publication(0, data, user, client, tags)
+            result = PublishResult(_NO_POSITION)
+        if idempotency_key:
+            self._idempotency[(channel, idempotency_key)] = (now + idempotency_ttl, result)
+        if self._handler is not None and channel in self._subscribed:
+            self._handler.handle_publication(channel, pub)
+        return result
+
+    async def subscribe(self, channel: str) -> None:
+        self._subscribed.add(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+
+    async def history(
+        self,
+        channel: str,
+        policy: HistoryPolicy,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        now = self._now()
+        stream = self._stream(channel, policy, now)
+        position = StreamPosition(stream.top, stream.epoch)
+        if limit < 0:
+            return HistoryResult([], position)
+        stream.trim(now)
+        if since is not None:
+            if since.epoch != stream.epoch:
+                return HistoryResult([], position)
+            pubs = [pub for _, pub in stream.entries if pub.offset > since.offset]
+        else:
+            pubs = [pub for _, pub in stream.entries]
+        if reverse:
+            pubs.reverse()
+        if limit:
+            pubs = pubs[:limit]
+        return HistoryResult(pubs, position)
+
+    async def housekeeping(self, now: float) -> None:
+        now = self._now()
+        expired = [key for key, (until, _) in self._idempotency.items() if until <= now]
+        for key in expired:
+            del self._idempotency[key]
+        idle: list[str] = []
+        for channel, stream in self._streams.items():
+            stream.trim(now)
+            if not stream.entries and now - stream.last_used > stream.meta_ttl:
+                idle.append(channel)
+        for channel in idle:
+            del self._streams[channel]
+
+    def stream_count(self) -> int:
+        return len(self._streams)

@@ -1,0 +1,379 @@
+"""Typed settings from a TOML file plus environment overrides.
+
+The dataclass defaults below are the embedded default configuration; `config/gateway.toml`
+spells every one of them out with comments (a test keeps the two equal). Environment
+variables override the file: ``REALTIME_<SECTION>__<KEY>``, for example
+``REALTIME_SERVER__PORT=9000`` or ``REALTIME_NAMESPACES__CHAT__HISTORY_SIZE=100``; values
+are read as TOML literals when they parse as one, else as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "REALTIME_"
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+SUBSCRIBE_POLICIES = ("token", "authenticated")
+PUBLISH_POLICIES = ("none", "token", "authenticated")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and says what to do."""
+
+
+@dataclass
+class ServerConfig:
+    # Public listener for WebSocket clients (and GET /healthz, /readyz).
+    host: str = "0.0.0.0"
+    port: int = 8000
+    # Name of this node in logs, metrics and connect replies ("" = host name).
+    node_name: str = ""
+    max_connections: int = 100_000
+    # Graceful shutdown: clients are told to reconnect after a random delay up to
+    # reconnect_jitter seconds; outbound buffers get drain_timeout seconds to empty.
+    drain_timeout: float = 10.0
+    reconnect_jitter: float = 5.0
+    # Allowed Origin headers for browser clients; empty = any origin.
+    allowed_origins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ApiConfig:
+    # The server API for backends. Loopback by default: expose it only behind your network.
+    host: str = "127.0.0.1"
+    port: int = 8001
+    # Required: requests carry it as "Authorization: apikey <key>" or "X-API-Key".
+    key: str = ""
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass
+class AuthConfig:
+    # Pinned JWT algorithm: tokens signed with any other are refused.
+    algorithm: str = "HS256"
+    hmac_secret: str = ""
+    # PEM public key for RS*/ES*, inline or in a file.
+    public_key: str = ""
+    public_key_file: str = ""
+    audience: str = ""
+    issuer: str = ""
+    require_exp: bool = True
+    leeway: float = 5.0
+
+
+@dataclass
+class ClientConfig:
+    # Minimum app version per platform, e.g. { ios = "3.2.0", android = "3.1.0" }; older
+    # apps are refused with action "update_app" and close code 3503.
+    min_version: dict[str, str] = field(default_factory=dict)
+    connect_timeout: float = 10.0
+    ping_interval: int = 25
+    pong_timeout: int = 10
+
+
+@dataclass
+class LimitsConfig:
+    # Largest inbound WebSocket message; larger ones close the connection with 1009.
+    max_frame_bytes: int = 65_536
+    max_subscriptions: int = 256
+    # Outbound bytes queued for one connection; past this it is closed with 3001 (slow).
+    max_queue_bytes: int = 1_048_576
+    # Token buckets: commands per connection, publishes per user (across their connections).
+    commands_per_second: float = 50.0
+    command_burst: int = 100
+    user_publishes_per_second: float = 20.0
+    user_publish_burst: int = 40
+    # Consecutive rate-limited commands after which the connection is closed (3504).
+    flood_close_after: int = 200
+
+
+@dataclass
+class BrokerConfig:
+    # "memory": one node alone, nothing to run beside it.
+    type: str = "memory"
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    # "json": one JSON object per line; "text": key=value lines for humans.
+    format: str = "text"
+
+
+@dataclass
+class NamespaceConfig:
+    # Publications kept per channel (0 = no history, no positions, no recovery).
+    history_size: int = 0
+    history_ttl: float = 300.0
+    # How long an idle stream keeps its epoch and offset after its history expired.
+    history_meta_ttl: float = 86_400.0
+    # "token": the token's `subscribe` claim must match; "authenticated": any client.
+    subscribe: str = "token"
+    # "none": only the server API publishes; "token": the `publish` claim must match;
+    # "authenticated": any connected client.
+    publish: str = "none"
+    # A publish repeating an idempotency key within this many seconds is not repeated.
+    idempotency_window: float = 300.0
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Channel "chat/room1" uses namespace "chat" when one is configured, else "default".
+    namespaces: dict[str, NamespaceConfig] = field(
+        default_factory=lambda: {"default": NamespaceConfig()}
+    )
+    # Set by `serve --dev`: secrets were generated for local development.
+    dev: bool = False
+    source: str = "built-in defaults"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (or only defaults), apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        source = str(path)
+    env = os.environ if environ is None else environ
+    overrides = _env_overrides(env)
+    for keys, value in overrides:
+        table = raw
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{'.'.join(keys)}: environment override conflicts with file")
+        table[keys[-1]] = value
+    config: Config = _build(Config, raw, "")
+    config.namespaces.setdefault("default", NamespaceConfig())
+    config.source = source + (" + environment" if overrides else "")
+    validate(config)
+    return config
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(keys):
+            continue
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.append((keys, value))
+    return out
+
+
+def _build(cls: type[Any], table: Any, path: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("dev", "source")}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key{hint} (known: {', '.join(known)})")
+        values[key] = _coerce(hints[key], value, where)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type[Any], hint), value, where)
+    if origin is dict:
+        _, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {str(k): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return [_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(hint, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+_NAMESPACE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """'3.2.10' -> (3, 2, 10); a suffix like '-beta' is ignored; None when unparseable."""
+    match = re.match(r"^v?(\d+(?:\.\d+)*)", text.strip())
+    if not match:
+        return None
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def validate(config: Config) -> None:
+    def need(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{key}: {message}")
+
+    for key, port in (("server.port", config.server.port), ("api.port", config.api.port)):
+        need(0 <= port <= 65535, key, f"{port} is not a TCP port")
+    need(config.server.drain_timeout >= 0, "server.drain_timeout", "must be >= 0")
+    need(config.server.reconnect_jitter >= 0, "server.reconnect_jitter", "must be >= 0")
+    need(config.server.max_connections > 0, "server.max_connections", "must be > 0")
+    need(
+        config.auth.algorithm in JWT_ALGORITHMS,
+        "auth.algorithm",
+        f"{config.auth.algorithm!r} is not one of {', '.join(JWT_ALGORITHMS)}",
+    )
+    if config.auth.algorithm.startswith("HS"):
+        need(
+            not config.auth.hmac_secret or len(config.auth.hmac_secret) >= 32,
+            "auth.hmac_secret",
+            "must be at least 32 characters (generate one: python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+    need(config.auth.leeway >= 0, "auth.leeway", "must be >= 0")
+    for platform, version in config.client.min_version.items():
+        need(
+            parse_version(version) is not None,
+            f"client.min_version.{platform}",
+            f"{version!r} is not a version like 2.4.1",
+        )
+    need(config.client.ping_interval >= 1, "client.ping_interval", "must be >= 1 second")
+    need(config.client.pong_timeout >= 1, "client.pong_timeout", "must be >= 1 second")
+    need(config.client.connect_timeout > 0, "client.connect_timeout", "must be > 0")
+    limits = config.limits
+    need(limits.max_frame_bytes >= 256, "limits.max_frame_bytes", "must be >= 256")
+    need(limits.max_subscriptions >= 1, "limits.max_subscriptions", "must be >= 1")
+    need(limits.max_queue_bytes >= 4096, "limits.max_queue_bytes", "must be >= 4096")
+    need(limits.commands_per_second > 0, "limits.commands_per_second", "must be > 0")
+    need(limits.command_burst >= 1, "limits.command_burst", "must be >= 1")
+    need(limits.user_publishes_per_second > 0, "limits.user_publishes_per_second", "must be > 0")
+    need(limits.user_publish_burst >= 1, "limits.user_publish_burst", "must be >= 1")
+    need(limits.flood_close_after >= 1, "limits.flood_close_after", "must be >= 1")
+    need(config.broker.type == "memory", "broker.type", "only 'memory' is available")
+    need(
+        config.log.level in ("debug", "info", "warning", "error"),
+        "log.level",
+        "must be debug, info, warning or error",
+    )
+    need(config.log.format in ("json", "text"), "log.format", "must be json or text")
+    for name, ns in config.namespaces.items():
+        key = f"namespaces.{name}"
+        need(bool(_NAMESPACE_NAME.match(name)), key, "name may use letters, digits, _ . -")
+        need(ns.history_size >= 0, f"{key}.history_size", "must be >= 0")
+        need(ns.history_ttl > 0, f"{key}.history_ttl", "must be > 0")
+        need(ns.history_meta_ttl > 0, f"{key}.history_meta_ttl", "must be > 0")
+        need(ns.idempotency_window > 0, f"{key}.idempotency_window", "must be > 0")
+        need(
+            ns.subscribe in SUBSCRIBE_POLICIES,
+            f"{key}.subscribe",
+            f"must be one of {', '.join(SUBSCRIBE_POLICIES)}",
+        )
+        need(
+            ns.publish in PUBLISH_POLICIES,
+            f"{key}.publish",
+            f"must be one of {', '.join(PUBLISH_POLICIES)}",
+        )
+
+
+def require_secrets(config: Config) -> None:
+    """Refuse to serve without the secrets production needs (dev mode generates them)."""
+    auth = config.auth
+    if auth.algorithm.startswith("HS") and not auth.hmac_secret:
+        raise ConfigError(
+            "auth.hmac_secret is empty: set it in the config file or REALTIME_AUTH__HMAC_SECRET "
+            "(at least 32 random characters), or run `realtime serve --dev` for local "
+            "development secrets"
+        )
+    if not auth.algorithm.startswith("HS") and not (auth.public_key or auth.public_key_file):
+        raise ConfigError(
+            f"auth.public_key: {auth.algorithm} needs the PEM public key that verifies "
+            "tokens (auth.public_key or auth.public_key_file)"
+        )
+    if not config.api.key:
+        raise ConfigError(
+            "api.key is empty: set it in the config file or REALTIME_API__KEY, or run "
+            "`realtime serve --dev` for local development secrets"
+        )
+    if len(config.api.key) < 16:
+        raise ConfigError("api.key: must be at least 16 characters")
+
+
+DEV_SECRETS_FILE = Path(".realtime") / "dev-secrets.toml"
+
+
+def apply_dev_secrets(config: Config, path: Path = DEV_SECRETS_FILE) -> bool:
+    """Fill missing secrets from (or into) a local dev file; True when it was created."""
+    import secrets
+
+    created = False
+    stored: dict[str, Any] = {}
+    if path.exists():
+        stored = tomllib.loads(path.read_text())
+    else:
+        stored = {
+            "hmac_secret": secrets.token_urlsafe(32),
+            "api_key": secrets.token_urlsafe(24),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(
+                "# Generated by `realtime serve --dev`: development only, never production.\n"
+                f'hmac_secret = "{stored["hmac_secret"]}"\n'
+                f'api_key = "{stored["api_key"]}"\n'
+            )
+        created = True
+    if config.auth.algorithm.startswith("HS") and not config.auth.hmac_secret:
+        config.auth.hmac_secret = str(stored["hmac_secret"])
+    if not config.api.key:
+        config.api.key = str(stored["api_key"])
+    config.dev = True
+    return created

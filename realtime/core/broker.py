@@ -1,0 +1,140 @@
+"""The broker interface the hub talks to, and the values that cross it.
+
+A broker assigns stream positions, keeps channel history and carries publications between
+nodes. The memory broker (embedded default) runs one node alone; a Redis broker joins many.
+The contract every implementation keeps:
+
+- `publish` stores the publication in history and assigns its offset *atomically* with
+  delivery, so every node and every recovery sees the same order; it returns the position.
+- a node receives publications only for channels it `subscribe`d to (per node, not per
+  client), through the `BrokerHandler` given to `start`.
+- `history(since=...)` returns the publications after a position, oldest first, plus the
+  current top position, from which the caller decides whether recovery is complete.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    offset: int
+    epoch: str
+
+
+class Publication:
+    """One publication as it travels through the node. Immutable by convention."""
+
+    __slots__ = ("client", "data", "offset", "tags", "user")
+
+    def __init__(
+        self,
+        offset: int,
+        data: bytes,
+        user: str = "",
+        client: str = "",
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.offset = offset
+        self.data = data
+        self.user = user
+        self.client = client
+        self.tags = tags
+
+    def __repr__(self) -> str:
+        return f"Publication(offset={self.offset}, {len(self.data)} bytes)"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """How much history a channel keeps (from its namespace)."""
+
+    size: int
+    ttl: float  # seconds a publication stays in history
+    meta_ttl: float  # seconds an idle stream's epoch/offset are kept
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    position: StreamPosition  # offset 0 and epoch "" when the channel keeps no history
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    publications: list[Publication]
+    position: StreamPosition  # the stream's top when history was read
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take the operation now; the caller should retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BrokerHandler(Protocol):
+    def handle_publication(self, channel: str, pub: Publication) -> None: ...
+
+
+class Broker(ABC):
+    """What the hub needs from a broker. All methods may raise BrokerUnavailable."""
+
+    name: str
+
+    @abstractmethod
+    async def start(self, handler: BrokerHandler) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        user: str = "",
+        client: str = "",
+        tags: dict[str, str] | None = None,
+        history: HistoryPolicy | None = None,
+        idempotency_key: str = "",
+        idempotency_ttl: float = 300.0,
+    ) -> PublishResult: ...
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving this channel's publications on this node."""
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving them (the last local subscriber left)."""
+
+    @abstractmethod
+    async def history(
+        self,
+        channel: str,
+        policy: HistoryPolicy,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        """Publications after `since` (all retained ones when None), oldest first.
+
+        `limit` 0 means no limit and a negative limit only reads the position. With
+        `reverse` the newest come first (and `limit` keeps the newest).
+
+        When `since` is from another epoch, returns no publications and the current top.
+        """
+
+    async def position(self, channel: str, policy: HistoryPolicy) -> StreamPosition:
+        """The stream's current top (creating the stream so its epoch is stable)."""
+        return (await self.history(channel, policy, limit=-1)).position
+
+    async def housekeeping(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Called about once a second: expire what has to expire."""

@@ -1,0 +1,425 @@
+"""The node: sessions, the hub and the broker together; the operations all transports share.
+
+Client commands and the server API both end up here (publish, subscribe with recovery,
+history, disconnect). One housekeeping task per node does what would otherwise need a
+timer per connection: pings in buckets, token expiry, connect deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import random
+import socket
+import time
+from collections.abc import Iterable
+
+from realtime import __version__
+from realtime.auth import Principal, TokenVerifier
+from realtime.config import Config, NamespaceConfig, parse_version
+from realtime.core.broker import (
+    Broker,
+    HistoryPolicy,
+    HistoryResult,
+    Publication,
+    PublishResult,
+    StreamPosition,
+)
+from realtime.core.hub import Hub
+from realtime.core.ratelimit import TokenBucket
+from realtime.core.session import CLOSING, CONNECTED, Session
+from realtime.core.topics import channel_error
+from realtime.core.writer import FlushScheduler
+from realtime.log import event
+from realtime.metrics import Metrics
+from realtime.protocol import realtime_pb2 as pb
+from realtime.protocol.codec import CODECS
+from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError
+
+log = logging.getLogger("realtime.node")
+
+MAX_HISTORY_LIMIT = 1000
+
+
+class Namespace:
+    __slots__ = ("config", "history", "name")
+
+    def __init__(self, name: str, config: NamespaceConfig) -> None:
+        self.name = name
+        self.config = config
+        self.history = (
+            HistoryPolicy(config.history_size, config.history_ttl, config.history_meta_ttl)
+            if config.history_size > 0
+            else None
+        )
+
+
+def _pb_position(position: StreamPosition) -> pb.StreamPosition:
+    return pb.StreamPosition(offset=position.offset, epoch=position.epoch)
+
+
+def pb_publications(pubs: Iterable[Publication]) -> list[pb.Publication]:
+    out = []
+    for pub in pubs:
+        item = pb.Publication(offset=pub.offset, data=pub.data, tags=pub.tags)
+        if pub.user or pub.client:
+            item.info.user = pub.user
+            item.info.client = pub.client
+        out.append(item)
+    return out
+
+
+class Node:
+    def __init__(self, config: Config, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.broker = broker
+        self.loop = loop
+        self.name = config.server.node_name or socket.gethostname()
+        self.version = __version__
+        self.verifier = TokenVerifier(config.auth)
+        self.metrics = Metrics()
+        self.hub = Hub()
+        self.flusher = FlushScheduler(loop)
+        self.namespaces = {name: Namespace(name, ns) for name, ns in config.namespaces.items()}
+        self.min_versions: dict[str, tuple[int, ...]] = {}
+        for platform, text in config.client.min_version.items():
+            version = parse_version(text)
+            assert version is not None  # validated with the config
+            self.min_versions[platform] = version
+        self.sessions: set[Session] = set()  # every open transport session
+        self.users: dict[str, set[Session]] = {}  # connected sessions by user
+        self.user_buckets: dict[str, TokenBucket] = {}
+        self.draining = False
+        self.ready = False
+        self._expiry: list[tuple[float, int, Session]] = []
+        self._expiry_seq = 0
+        interval = config.client.ping_interval
+        self._ping_buckets: list[set[Session]] = [set() for _ in range(interval)]
+        self._ping_next = 0
+        self._ping_payloads = {
+            codec: codec.encode_reply(pb.Reply(push=pb.Push(ping=pb.ServerPing())))
+            for codec in CODECS.values()
+        }
+        self._housekeeper: asyncio.Task[None] | None = None
+        self.wall_time = time.time
+        self._register_gauges()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.broker.start(self.hub)
+        self._housekeeper = self.loop.create_task(self._housekeeping())
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+        await self.broker.close()
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("connections", "Open client connections.", lambda: len(self.sessions))
+        m.gauge("users", "Distinct connected users.", lambda: len(self.users))
+        m.gauge("channels", "Channels with local subscribers.", lambda: len(self.hub.channels))
+        m.gauge(
+            "subscriptions",
+            "Client subscriptions on this node.",
+            lambda: sum(ch.size for ch in self.hub.channels.values()),
+        )
+        m.gauge("draining", "1 while the node shuts down.", lambda: float(self.draining))
+        m.deliveries = lambda: self.hub.deliveries
+
+    # ------------------------------------------------------------------ sessions
+
+    def attach(self, session: Session) -> None:
+        """A transport opened a session (not yet connected)."""
+        self.sessions.add(session)
+
+    def register(self, session: Session) -> None:
+        """The session completed connect."""
+        assert session.principal is not None
+        self.users.setdefault(session.principal.user, set()).add(session)
+        self._ping_buckets[self._ping_next].add(session)
+        self._ping_next = (self._ping_next + 1) % len(self._ping_buckets)
+        self.metrics.connections_accepted += 1
+
+    def unregister(self, session: Session) -> None:
+        self.sessions.discard(session)
+        for bucket in self._ping_buckets:
+            bucket.discard(session)
+        user = session.user
+        if user:
+            sessions = self.users.get(user)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del self.users[user]
+        for channel in session.channels:
+            if self.hub.remove(channel, session.outbound, session.codec):
+                self._release_channel(channel)
+        session.channels.clear()
+
+    def _release_channel(self, channel: str) -> None:
+        self.loop.create_task(self._broker_unsubscribe(channel))
+
+    async def _broker_unsubscribe(self, channel: str) -> None:
+        if self.hub.subscriber_count(channel) == 0:
+            try:
+                await self.broker.unsubscribe(channel)
+            except Exception:
+                log.exception("broker_unsubscribe_failed", extra={"fields": {"channel": channel}})
+
+    def watch_expiry(self, session: Session) -> None:
+        self._expiry_seq += 1
+        heapq.heappush(self._expiry, (session.expires_at, self._expiry_seq, session))
+
+    # ------------------------------------------------------------------ channels
+
+    def namespace(self, channel: str) -> Namespace:
+        prefix, sep, _ = channel.partition("/")
+        if sep:
+            ns = self.namespaces.get(prefix)
+            if ns is not None:
+                return ns
+        return self.namespaces["default"]
+
+    @staticmethod
+    def check_channel(channel: str) -> None:
+        problem = channel_error(channel)
+        if problem:
+            raise ProtocolError(ErrorCode.BAD_CHANNEL, problem)
+
+    def _may_subscribe(self, principal: Principal, ns: Namespace, channel: str) -> bool:
+        return ns.config.subscribe == "authenticated" or principal.subscribe.matches(channel)
+
+    def _may_publish(self, principal: Principal, ns: Namespace, channel: str) -> bool:
+        policy = ns.config.publish
+        if policy == "none":
+            return False
+        return policy == "authenticated" or principal.publish.matches(channel)
+
+    async def subscribe(
+        self, session: Session, channel: str, since: StreamPosition | None
+    ) -> tuple[pb.SubscribeResult, list[Publication]]:
+        """Subscribe and (with `since`) recover. Returns the reply and the publications
+        that arrived while it was built, to send right after it."""
+        self.check_channel(channel)
+        assert session.principal is not None
+        ns = self.namespace(channel)
+        if not self._may_subscribe(session.principal, ns, channel):
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"may not subscribe to {channel}")
+        if channel in session.channels:
+            raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
+        if len(session.channels) >= self.config.limits.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {self.config.limits.max_subscriptions} subscriptions per connection",
+            )
+        policy = ns.history
+        out, codec = session.outbound, session.codec
+        first = self.hub.add(channel, out, codec, buffering=policy is not None)
+        session.channels.add(channel)
+        result = pb.SubscribeResult()
+        try:
+            if first:
+                await self.broker.subscribe(channel)
+            if policy is None:
+                return result, []
+            if since is not None:
+                history = await self.broker.history(channel, policy, since=since)
+                top = history.position
+                recovered = (
+                    since.epoch == top.epoch
+                    and since.offset <= top.offset
+                    and len(history.publications) == top.offset - since.offset
+                )
+                result.recovered = recovered
+                if recovered:
+                    result.publications.extend(pb_publications(history.publications))
+            else:
+                top = await self.broker.position(channel, policy)
+        except BaseException:
+            if session.state < CLOSING and channel in session.channels:
+                session.channels.discard(channel)
+                if self.hub.remove(channel, out, codec):
+                    self._release_channel(channel)
+            raise
+        if session.state >= CLOSING:
+            return result, []
+        buffered = self.hub.go_live(channel, out, codec)
+        result.recoverable = True
+        result.position.CopyFrom(_pb_position(top))
+        # Whatever arrived while history was read: keep only what lies past the reply.
+        backlog = [pub for pub in buffered if pub.offset > top.offset]
+        return result, backlog
+
+    async def unsubscribe(self, session: Session, channel: str) -> None:
+        if channel not in session.channels:
+            raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
+        session.channels.discard(channel)
+        if self.hub.remove(channel, session.outbound, session.codec):
+            await self._broker_unsubscribe(channel)
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        user: str = "",
+        client: str = "",
+        tags: dict[str, str] | None = None,
+        idempotency_key: str = "",
+        source: str = "api",
+    ) -> PublishResult:
+        self.check_channel(channel)
+        ns = self.namespace(channel)
+        if len(idempotency_key) > 128:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "idempotency_key is longer than 128")
+        result = await self.broker.publish(
+            channel,
+            data,
+            user=user,
+            client=client,
+            tags=tags or None,
+            history=ns.history,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=ns.config.idempotency_window,
+        )
+        if not result.duplicate:
+            self.metrics.publishes[source] += 1
+        return result
+
+    async def client_publish(self, session: Session, req: pb.PublishRequest) -> pb.PublishResult:
+        principal = session.principal
+        assert principal is not None
+        channel = req.channel
+        self.check_channel(channel)
+        if not self._may_publish(principal, self.namespace(channel), channel):
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"may not publish to {channel}")
+        now = self.loop.time()
+        bucket = self.user_buckets.get(principal.user)
+        if bucket is None:
+            limits = self.config.limits
+            bucket = TokenBucket(limits.user_publishes_per_second, limits.user_publish_burst, now)
+            self.user_buckets[principal.user] = bucket
+        retry_ms = bucket.take(now)
+        if retry_ms:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_REQUESTS,
+                "publish rate limit for this user exceeded",
+                temporary=True,
+                retry_after_ms=retry_ms,
+                action=Action.RETRY,
+            )
+        result = await self.publish(
+            channel,
+            req.data,
+            user=principal.user,
+            client=session.id,
+            tags=dict(req.tags),
+            idempotency_key=req.idempotency_key,
+            source="client",
+        )
+        return pb.PublishResult(position=_pb_position(result.position), duplicate=result.duplicate)
+
+    # ------------------------------------------------------------------ history
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        self.check_channel(channel)
+        policy = self.namespace(channel).history
+        if policy is None:
+            raise ProtocolError(
+                ErrorCode.NOT_AVAILABLE, f"{channel}: its namespace keeps no history"
+            )
+        limit = min(limit or MAX_HISTORY_LIMIT, MAX_HISTORY_LIMIT)
+        return await self.broker.history(channel, policy, since=since, limit=limit, reverse=reverse)
+
+    async def client_history(self, session: Session, req: pb.HistoryRequest) -> pb.HistoryResult:
+        assert session.principal is not None
+        self.check_channel(req.channel)
+        ns = self.namespace(req.channel)
+        if not self._may_subscribe(session.principal, ns, req.channel):
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"may not read {req.channel}")
+        since = StreamPosition(req.since.offset, req.since.epoch) if req.HasField("since") else None
+        result = await self.history(req.channel, since=since, limit=req.limit, reverse=req.reverse)
+        return pb.HistoryResult(
+            publications=pb_publications(result.publications),
+            position=_pb_position(result.position),
+        )
+
+    # ------------------------------------------------------------------ control
+
+    def disconnect_user(self, user: str, *, reconnect: bool, reason: str) -> int:
+        sessions = list(self.users.get(user, ()))
+        code = CloseCode.FORCE_RECONNECT if reconnect else CloseCode.FORBIDDEN
+        for session in sessions:
+            session.close(code, reason)
+        return len(sessions)
+
+    def begin_drain(self) -> None:
+        """Tell every client to reconnect (elsewhere) after a jittered delay."""
+        self.draining = True
+        self.ready = False
+        jitter_ms = int(self.config.server.reconnect_jitter * 1000)
+        for session in list(self.sessions):
+            session.close(
+                CloseCode.SHUTDOWN,
+                "server shutting down",
+                reconnect_after_ms=random.randint(0, jitter_ms) if jitter_ms else 0,
+            )
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.tick(self.loop.time())
+                await self.broker.housekeeping(self.loop.time())
+            except Exception:
+                log.exception("housekeeping_failed")
+
+    def tick(self, now: float) -> None:
+        """Once a second: connect deadlines, one ping bucket, token expiry, idle buckets."""
+        deadline = self.config.client.connect_timeout
+        for session in [s for s in self.sessions if s.state < CONNECTED]:
+            if now - session.last_rx > deadline:
+                session.close(CloseCode.CONNECT_TIMEOUT, "no connect command in time")
+        client = self.config.client
+        silent_limit = client.ping_interval + client.pong_timeout
+        bucket = self._ping_buckets[int(now) % len(self._ping_buckets)]
+        for session in list(bucket):
+            if now - session.last_rx > silent_limit:
+                session.close(CloseCode.NO_PONG, "no pong: the connection looks dead")
+            else:
+                session.push_raw(self._ping_payloads[session.codec])
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            expires_at, _, session = heapq.heappop(expiry)
+            if session.state == CONNECTED and session.expires_at == expires_at:
+                session.fail(
+                    0,
+                    ProtocolError(ErrorCode.TOKEN_EXPIRED, "token expired", False),
+                    close=CloseCode.TOKEN_EXPIRED,
+                )
+        if len(self.user_buckets) > len(self.users):
+            idle = [u for u, b in self.user_buckets.items() if u not in self.users and b.full(now)]
+            for user in idle:
+                del self.user_buckets[user]
+        event_count = len(self.sessions)
+        if event_count and self.draining:
+            event(log, "draining", logging.DEBUG, open=event_count)

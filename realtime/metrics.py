@@ -1,0 +1,109 @@
+"""Prometheus metrics, in the text exposition format, with no dependency.
+
+Counters are plain integers bumped where events happen (never per delivery: the hub counts
+deliveries per publication); gauges are read from the node when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.connections_accepted = 0
+        self.connections_refused: Counter[str] = Counter()  # by reason
+        self.disconnects: Counter[int] = Counter()  # by close code
+        self.messages_in = 0  # commands received
+        self.bytes_in = 0
+        self.messages_out = 0  # replies and pushes written
+        self.bytes_out = 0
+        self.errors: Counter[int] = Counter()  # error replies by code
+        self.publishes: Counter[str] = Counter()  # by source: client, api
+        self.api_requests: Counter[tuple[str, int]] = Counter()  # by (endpoint, status)
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        # Fan-out deliveries are counted by the hub per publication and added on scrape.
+        self.deliveries: Callable[[], int] = lambda: 0
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP realtime_{name} {help_text}")
+            lines.append(f"# TYPE realtime_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"realtime_{name}{labels} {value:g}")
+
+        def labelled(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{_escape(str(k))}"}}', float(v)) for k, v in counter.items()]
+
+        for name, (help_text, read) in sorted(self.gauges.items()):
+            metric(name, "gauge", help_text, [("", float(read()))])
+        metric(
+            "connections_accepted_total",
+            "counter",
+            "WebSocket connections that completed connect.",
+            [("", self.connections_accepted)],
+        )
+        metric(
+            "connections_refused_total",
+            "counter",
+            "Connections refused, by reason.",
+            labelled("reason", self.connections_refused),
+        )
+        metric(
+            "disconnects_total",
+            "counter",
+            "Connections closed by the server, by close code (3001 = slow consumer).",
+            labelled("code", self.disconnects),
+        )
+        metric(
+            "slow_disconnects_total",
+            "counter",
+            "Clients disconnected because they did not read fast enough.",
+            [("", self.disconnects.get(3001, 0))],
+        )
+        metric("messages_in_total", "counter", "Commands received.", [("", self.messages_in)])
+        metric("bytes_in_total", "counter", "Payload bytes received.", [("", self.bytes_in)])
+        metric(
+            "messages_out_total",
+            "counter",
+            "Replies and pushes queued to clients.",
+            [("", self.messages_out + self.deliveries())],
+        )
+        metric(
+            "bytes_out_total",
+            "counter",
+            "Payload bytes written.",
+            [("", self.bytes_out)],
+        )
+        metric(
+            "errors_total",
+            "counter",
+            "Error replies, by code.",
+            labelled("code", self.errors),
+        )
+        metric(
+            "publications_total",
+            "counter",
+            "Publications accepted, by source.",
+            labelled("source", self.publishes),
+        )
+        metric(
+            "api_requests_total",
+            "counter",
+            "Server API requests, by endpoint and status.",
+            [
+                (f'{{endpoint="{_escape(e)}",status="{s}"}}', float(v))
+                for (e, s), v in self.api_requests.items()
+            ],
+        )
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Thin adapters between bytes on the wire and the node: WebSocket, HTTP."""

@@ -1,0 +1,302 @@
+"""WebSocket transport: websockets' sans-I/O ServerProtocol on an asyncio.Protocol.
+
+websockets parses the handshake and inbound frames (RFC 6455, masks, control frames,
+size limits); outbound data bypasses it: the messages a connection collected during one
+loop tick go out as one pre-built frame in one `transport.write`. No task per connection:
+an idle connection is this object, the sans-I/O parser and its session.
+
+The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from realtime.core.node import Node
+from realtime.core.session import Session
+from realtime.log import event
+from realtime.protocol.codec import CODECS, JSON, JSON_SUBPROTOCOL, PROTO_SUBPROTOCOL
+from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
+
+log = logging.getLogger("realtime.websocket")
+
+WEBSOCKET_PATH = "/connection/websocket"
+SUBPROTOCOLS = [Subprotocol(PROTO_SUBPROTOCOL), Subprotocol(JSON_SUBPROTOCOL)]
+# A flush larger than this is split into several frames (at message boundaries), so that
+# clients with a default 1 MiB message limit never see an oversized frame.
+MAX_OUT_FRAME = 65_536
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 3.0
+
+# websockets logs every closed connection at INFO; connections are not events worth a line.
+_quiet_logger = logging.getLogger("realtime.websocket.protocol")
+_quiet_logger.setLevel(logging.WARNING)
+
+
+def _select_subprotocol(
+    protocol: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    # No subprotocol offered (simple tools, curl-like clients): JSON, which humans can read.
+    return None
+
+
+def _handshake_token(request: Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    query = parse_qs(urlsplit(request.path).query)
+    return query.get("token", [""])[-1]
+
+
+def _json_response(protocol: ServerProtocol, status: int, body: dict[str, Any]) -> Response:
+    response = protocol.reject(status, "")
+    payload = json.dumps(body).encode()
+    response.body = payload
+    headers = response.headers
+    # websockets' Headers is a multidict: delete before setting, or the value is added.
+    del headers["Content-Type"], headers["Content-Length"]
+    headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(payload))
+    headers["Cache-Control"] = "no-store"
+    return response
+
+
+class WebSocketConnection(asyncio.Protocol):
+    __slots__ = (
+        "_fragments",
+        "_timer",
+        "opcode",
+        "protocol",
+        "remote",
+        "server",
+        "session",
+        "transport",
+    )
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.protocol = ServerProtocol(
+            subprotocols=SUBPROTOCOLS,
+            select_subprotocol=_select_subprotocol,
+            origins=server.origins,
+            max_size=server.node.config.limits.max_frame_bytes,
+            logger=_quiet_logger,
+        )
+        self.session: Session | None = None
+        self.opcode = OP_BINARY
+        self._fragments: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.remote = ""
+
+    # ------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connections.add(self)
+        self._timer = self.server.loop.call_later(HANDSHAKE_TIMEOUT, self._abort)
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        session = self.session
+        if session is not None:
+            session.last_rx = self.server.loop.time()
+        for ev in protocol.events_received():
+            if isinstance(ev, Frame):
+                self._frame(ev)
+            elif isinstance(ev, Request):
+                self._handshake(ev)
+        self._write_protocol_output()
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self._write_protocol_output()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connections.discard(self)
+        if self.session is not None:
+            self.session.connection_lost()
+
+    # ------------------------------------------------------------------ handshake
+
+    def _handshake(self, request: Request) -> None:
+        protocol = self.protocol
+        node = self.server.node
+        path = urlsplit(request.path).path
+        if path in ("/healthz", "/readyz"):
+            ok = path == "/healthz" or node.ready
+            response = _json_response(
+                protocol, 200 if ok else 503, {"status": "ok" if ok else "not ready"}
+            )
+        elif path != WEBSOCKET_PATH:
+            response = _json_response(
+                protocol,
+                404,
+                {"error": {"code": "not_found", "message": f"WebSocket path is {WEBSOCKET_PATH}"}},
+            )
+        elif node.draining:
+            node.metrics.connections_refused["draining"] += 1
+            response = _json_response(
+                protocol,
+                503,
+                {"error": {"code": "draining", "message": "node is shutting down; reconnect"}},
+            )
+        elif len(node.sessions) >= node.config.server.max_connections:
+            node.metrics.connections_refused["max_connections"] += 1
+            response = _json_response(
+                protocol,
+                503,
+                {"error": {"code": "max_connections", "message": "node is full; try another"}},
+            )
+        else:
+            response = protocol.accept(request)
+        protocol.send_response(response)
+        if response.status_code != 101:
+            return
+        codec = CODECS.get(protocol.subprotocol or "", JSON)
+        self.opcode = OP_BINARY if codec.binary else OP_TEXT
+        self.session = Session(
+            node, self, codec, handshake_token=_handshake_token(request), remote=self.remote
+        )
+        node.attach(self.session)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ------------------------------------------------------------------ frames
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        data = bytes(frame.data)
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._message(data)
+            else:
+                self._fragments = [data]
+        elif opcode is Opcode.CONT and self._fragments is not None:
+            self._fragments.append(data)
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = None
+                self._message(data)
+        # PING is answered by the protocol; PONG and CLOSE need nothing more here.
+
+    def _message(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.receive(data)
+
+    # ------------------------------------------------------------------ output
+
+    def _write_protocol_output(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            else:  # EOF marker: the closing handshake is done
+                transport.close()
+                return
+        if self.protocol.close_expected() and self.protocol.state is State.CLOSED:
+            transport.close()
+
+    def write_payloads(self, payloads: list[bytes], size: int) -> int:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return 0
+        metrics = self.server.node.metrics
+        metrics.bytes_out += size
+        if size <= MAX_OUT_FRAME:
+            payloads.insert(0, frame_header(self.opcode, size))
+            transport.write(b"".join(payloads))
+        else:
+            self._write_split(transport, payloads)
+        return transport.get_write_buffer_size()
+
+    def _write_split(self, transport: asyncio.Transport, payloads: list[bytes]) -> None:
+        chunk: list[bytes] = []
+        chunk_size = 0
+        for payload in payloads:
+            if chunk and chunk_size + len(payload) > MAX_OUT_FRAME:
+                transport.write(frame_header(self.opcode, chunk_size) + b"".join(chunk))
+                chunk, chunk_size = [], 0
+            chunk.append(payload)
+            chunk_size += len(payload)
+        if chunk:
+            transport.write(frame_header(self.opcode, chunk_size) + b"".join(chunk))
+
+    def close(self, code: int, reason: str) -> None:
+        protocol = self.protocol
+        if self.transport is None or protocol.state is not State.OPEN:
+            self._abort()
+            return
+        protocol.send_close(code, reason)
+        self._write_protocol_output()
+        # Wait for the client's close frame, but not forever (a slow client may never read).
+        if self._timer is None:
+            self._timer = self.server.loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class WebSocketServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.loop = node.loop
+        self.connections: set[WebSocketConnection] = set()
+        origins = node.config.server.allowed_origins
+        self.origins: list[Any] | None = [*origins, None] if origins else None
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await self.loop.create_server(
+            lambda: WebSocketConnection(self), host, port, backlog=4096, reuse_address=True
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> int:
+        """After begin_drain: wait until clients closed, abort the rest; returns how many
+        had to be aborted."""
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.connections)
+        for connection in left:
+            connection._abort()
+        if left:
+            event(log, "drain_timeout", logging.WARNING, aborted=len(left))
+        return len(left)
