@@ -169,9 +169,14 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             if not isinstance(table, dict):
                 raise ConfigError(f"{'.'.join(keys)}: environment override conflicts with file")
         table[keys[-1]] = value
+    return config_from_dict(raw, source + (" + environment" if overrides else ""))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "dict") -> Config:
+    """Build and validate a Config from parsed TOML (or any dict of the same shape)."""
     config: Config = _build(Config, raw, "")
     config.namespaces.setdefault("default", NamespaceConfig())
-    config.source = source + (" + environment" if overrides else "")
+    config.source = source
     validate(config)
     return config
 
