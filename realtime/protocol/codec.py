@@ -212,7 +212,7 @@ def obj_to_message(obj: Any, msg: Message, path: str) -> None:
             other = oneofs_seen.setdefault(field.containing_oneof.name, key)
             if other != key:
                 raise ValueError(f"{path}: {other!r} and {key!r} cannot be used together")
-        if value is None:
+        if value is None and key != "data":  # JSON null is a valid publication payload
             continue
         _set_field(msg, field, value, where)
 
