@@ -8,6 +8,7 @@ the tests see exactly what an app would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -185,10 +186,8 @@ class RawClient:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"no reply to command {command_id}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                pass
         return self.replies.pop(command_id)
 
     async def push(self, timeout: float = 5.0) -> pb.Push:
@@ -222,7 +221,9 @@ async def clients() -> AsyncIterator[list[RawClient]]:
         await client.close()
 
 
-async def api_post(gateway: Gateway, endpoint: str, body: Any, key: str | None = API_KEY) -> tuple[int, Any]:
+async def api_post(
+    gateway: Gateway, endpoint: str, body: Any, key: str | None = API_KEY
+) -> tuple[int, Any]:
     """POST JSON to the server API with a raw HTTP/1.1 request."""
     import json
 

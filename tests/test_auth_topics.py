@@ -65,10 +65,14 @@ def test_claim_validation() -> None:
         ({"sub": "a"}, "exp"),
         ({"exp": time.time() + 60, "aud": "app", "iss": "me"}, "sub"),
         ({"sub": "a", "exp": time.time() + 60, "aud": "other", "iss": "me"}, "(?i)audience"),
-        ({"sub": "a", "exp": time.time() + 60, "aud": "app", "iss": "me", "subscribe": "x"},
-         "list"),
-        ({"sub": "a", "exp": time.time() + 60, "aud": "app", "iss": "me",
-          "publish": ["a/#/b"]}, "'#'"),
+        (
+            {"sub": "a", "exp": time.time() + 60, "aud": "app", "iss": "me", "subscribe": "x"},
+            "list",
+        ),
+        (
+            {"sub": "a", "exp": time.time() + 60, "aud": "app", "iss": "me", "publish": ["a/#/b"]},
+            "'#'",
+        ),
         ({"sub": "", "exp": time.time() + 60, "aud": "app", "iss": "me"}, "sub"),
     ]:
         with pytest.raises(AuthError, match=message):
@@ -87,9 +91,11 @@ def test_asymmetric_algorithms(algorithm: str) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     config = AuthConfig(algorithm=algorithm, public_key=public)
     token = mint_token(config, "bob", ttl=60, private_key=private)
     assert TokenVerifier(config).verify(token).user == "bob"

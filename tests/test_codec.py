@@ -9,15 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codec import (
-    JSON,
-    PROTOBUF,
-    FrameError,
-    decode_varint,
-    encode_varint,
-    message_to_obj,
-    split_delimited,
-)
+from realtime.protocol.codec import JSON, PROTOBUF, message_to_obj
+from realtime.protocol.framing import FrameError, decode_varint, encode_varint, split_delimited
 
 
 @given(st.integers(min_value=0, max_value=2**32 - 1))
@@ -54,7 +47,9 @@ def test_json_decoder_never_fails_unexpectedly(frame: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 

@@ -76,10 +76,10 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_no_secret_works_by_default() -> None:
     config = load_config(ROOT / "config" / "gateway.toml", environ={})
-    with pytest.raises(ConfigError, match="auth.hmac_secret is empty.*--dev"):
+    with pytest.raises(ConfigError, match=r"auth.hmac_secret is empty.*--dev"):
         require_secrets(config)
     config.auth.hmac_secret = "x" * 32
-    with pytest.raises(ConfigError, match="api.key is empty"):
+    with pytest.raises(ConfigError, match=r"api\.key is empty"):
         require_secrets(config)
 
 

@@ -75,8 +75,11 @@ async def test_token_in_query_and_header(gateway: Gateway, clients: list[RawClie
     ("token", "code", "close"),
     [
         ("not-a-jwt", ErrorCode.UNAUTHORIZED, CloseCode.INVALID_TOKEN),
-        (make_token(secret="another-secret-that-is-long-enough-000"), ErrorCode.UNAUTHORIZED,
-         CloseCode.INVALID_TOKEN),
+        (
+            make_token(secret="another-secret-that-is-long-enough-000"),
+            ErrorCode.UNAUTHORIZED,
+            CloseCode.INVALID_TOKEN,
+        ),
         (make_token(algorithm="HS512"), ErrorCode.UNAUTHORIZED, CloseCode.INVALID_TOKEN),
         (make_token(ttl=-60), ErrorCode.TOKEN_EXPIRED, CloseCode.TOKEN_EXPIRED),
         ("", ErrorCode.UNAUTHORIZED, CloseCode.INVALID_TOKEN),
@@ -147,7 +150,9 @@ async def test_server_api_only_namespace_refuses_client_publish(
     assert reply.error.code == ErrorCode.PERMISSION_DENIED
 
 
-async def test_unknown_command_gets_an_error_reply(gateway: Gateway, clients: list[RawClient]) -> None:
+async def test_unknown_command_gets_an_error_reply(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
     client = await RawClient.open(gateway)
     clients.append(client)
     reply = await client.request()  # a Command with an id and no request
@@ -274,9 +279,7 @@ async def test_command_rate_limit_answers_retry_after(
 async def test_user_publish_rate_limit_spans_connections(
     make_gateway: GatewayFactory, clients: list[RawClient]
 ) -> None:
-    gateway = await make_gateway(
-        limits={"user_publishes_per_second": 1.0, "user_publish_burst": 3}
-    )
+    gateway = await make_gateway(limits={"user_publishes_per_second": 1.0, "user_publish_burst": 3})
     first = await RawClient.open(gateway)
     second = await RawClient.open(gateway)
     clients += [first, second]

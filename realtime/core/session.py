@@ -20,8 +20,9 @@ from realtime.core.ratelimit import TokenBucket
 from realtime.core.writer import Outbound, Sink
 from realtime.log import event
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codec import Codec, FrameError
+from realtime.protocol.codec import Codec
 from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError
+from realtime.protocol.framing import FrameError
 
 if TYPE_CHECKING:
     from realtime.core.node import Node

@@ -21,64 +21,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from realtime.protocol import realtime_pb2 as pb
+from realtime.protocol.framing import FrameError, encode_varint, split_delimited
 
 PROTO_SUBPROTOCOL: Final = "realtime.v1.proto"
 JSON_SUBPROTOCOL: Final = "realtime.v1.json"
 
 MAX_MESSAGES_PER_FRAME: Final = 1000
-
-
-class FrameError(ValueError):
-    """The frame cannot be decoded at all: the sender is broken, close the connection."""
-
-
-# ----------------------------------------------------------------------------- varints
-
-
-def encode_varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def decode_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """Return (value, next position); raise FrameError when truncated or too long."""
-    result = 0
-    shift = 0
-    end = len(data)
-    while True:
-        if pos >= end:
-            raise FrameError("truncated varint length prefix")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 35:
-            raise FrameError("varint length prefix longer than 5 bytes")
-
-
-def split_delimited(data: bytes) -> list[bytes]:
-    """Split a frame of varint-length-prefixed messages."""
-    messages: list[bytes] = []
-    pos = 0
-    end = len(data)
-    view = memoryview(data)
-    while pos < end:
-        length, pos = decode_varint(view, pos)
-        if pos + length > end:
-            raise FrameError(f"message length {length} runs past the end of the frame")
-        messages.append(data[pos : pos + length])
-        pos += length
-        if len(messages) > MAX_MESSAGES_PER_FRAME:
-            raise FrameError(f"more than {MAX_MESSAGES_PER_FRAME} messages in one frame")
-    return messages
 
 
 # ----------------------------------------------------------------------------- protobuf
@@ -92,7 +40,7 @@ class ProtobufCodec:
         if not frame:
             raise FrameError("empty frame")
         commands = []
-        for raw in split_delimited(frame):
+        for raw in split_delimited(frame, MAX_MESSAGES_PER_FRAME):
             try:
                 commands.append(pb.Command.FromString(raw))
             except DecodeError as exc:
