@@ -5,8 +5,9 @@ Two encodings, chosen by subprotocol:
 - ``realtime.v1.proto``: binary frames; each message is prefixed by its varint length.
 - ``realtime.v1.json``: text frames; one JSON object per line.
 
-Every ``encode_*`` function returns one *delimited* message, so that messages can be
-concatenated into one frame as they are. Publications are encoded once per publication
+Every ``encode_*`` function returns one message; messages sharing a frame are joined with
+the codec's ``separator`` (nothing for protobuf, whose messages carry their length; a
+newline for JSON). Publications are encoded once per publication
 (`encode_publication`) and the same bytes go to every subscriber using that codec.
 """
 
@@ -35,6 +36,8 @@ MAX_MESSAGES_PER_FRAME: Final = 1000
 class ProtobufCodec:
     name: Final = PROTO_SUBPROTOCOL
     binary: Final = True
+    # Between messages sharing a frame (each message already carries its length).
+    separator: Final = b""
 
     def decode_commands(self, frame: bytes) -> list[pb.Command]:
         if not frame:
@@ -238,12 +241,13 @@ def loads_data(data: bytes) -> Any:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class JsonCodec:
     name: Final = JSON_SUBPROTOCOL
     binary: Final = False
+    separator: Final = b"\n"
 
     def decode_commands(self, frame: bytes) -> list[pb.Command]:
         try:

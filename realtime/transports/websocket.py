@@ -82,6 +82,7 @@ class WebSocketConnection(asyncio.Protocol):
         "opcode",
         "protocol",
         "remote",
+        "separator",
         "server",
         "session",
         "transport",
@@ -99,6 +100,7 @@ class WebSocketConnection(asyncio.Protocol):
         )
         self.session: Session | None = None
         self.opcode = OP_BINARY
+        self.separator = b""
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.remote = ""
@@ -177,6 +179,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         codec = CODECS.get(protocol.subprotocol or "", JSON)
         self.opcode = OP_BINARY if codec.binary else OP_TEXT
+        self.separator = codec.separator
         self.session = Session(
             node, self, codec, handshake_token=_handshake_token(request), remote=self.remote
         )
@@ -226,26 +229,34 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return 0
-        metrics = self.server.node.metrics
-        metrics.bytes_out += size
-        if size <= MAX_OUT_FRAME:
+        self.server.node.metrics.bytes_out += size
+        separator = self.separator
+        if separator:
+            size += len(payloads) - 1
+        if size > MAX_OUT_FRAME:
+            self._write_split(transport, payloads)
+        elif separator:
+            body = separator.join(payloads)
+            transport.write(frame_header(self.opcode, len(body)) + body)
+        else:
             payloads.insert(0, frame_header(self.opcode, size))
             transport.write(b"".join(payloads))
-        else:
-            self._write_split(transport, payloads)
         return transport.get_write_buffer_size()
 
     def _write_split(self, transport: asyncio.Transport, payloads: list[bytes]) -> None:
+        separator = self.separator
         chunk: list[bytes] = []
         chunk_size = 0
         for payload in payloads:
             if chunk and chunk_size + len(payload) > MAX_OUT_FRAME:
-                transport.write(frame_header(self.opcode, chunk_size) + b"".join(chunk))
+                body = separator.join(chunk)
+                transport.write(frame_header(self.opcode, len(body)) + body)
                 chunk, chunk_size = [], 0
             chunk.append(payload)
-            chunk_size += len(payload)
+            chunk_size += len(payload) + len(separator)
         if chunk:
-            transport.write(frame_header(self.opcode, chunk_size) + b"".join(chunk))
+            body = separator.join(chunk)
+            transport.write(frame_header(self.opcode, len(body)) + body)
 
     def close(self, code: int, reason: str) -> None:
         protocol = self.protocol
