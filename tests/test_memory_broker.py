@@ -1,7 +1,13 @@
 from __future__ import annotations
 
 from realtime.brokers.memory import MemoryBroker
-from realtime.core.broker import HistoryPolicy, Publication, StreamPosition
+from realtime.core.broker import (
+    HistoryPolicy,
+    PresenceEntry,
+    PresenceStats,
+    Publication,
+    StreamPosition,
+)
 
 POLICY = HistoryPolicy(size=3, ttl=60, meta_ttl=3600)
 
@@ -66,3 +72,24 @@ async def test_idempotency_keys() -> None:
     assert other.position.offset == 2 and len(recorder.seen) == 2
     no_history = await broker.publish("b", b"1")
     assert no_history.position == StreamPosition(0, "")
+
+
+async def test_presence_entries_expire_unless_refreshed() -> None:
+    broker = MemoryBroker()
+    clock = [0.0]
+    broker._now = lambda: clock[0]
+    await broker.add_presence("room", PresenceEntry("c1", "alice"), ttl=10)
+    await broker.add_presence("room", PresenceEntry("c2", "alice", device="phone"), ttl=10)
+    await broker.add_presence("room", PresenceEntry("c3", "bob"), ttl=10)
+    assert await broker.presence_stats("room") == PresenceStats(clients=3, users=2)
+    await broker.remove_presence("room", "c3")
+    assert set(await broker.presence("room")) == {"c1", "c2"}
+    clock[0] = 8
+    await broker.add_presence("room", PresenceEntry("c1", "alice"), ttl=10)  # refresh
+    clock[0] = 12  # c2 was not refreshed: gone, as after a node died without cleaning up
+    assert set(await broker.presence("room")) == {"c1"}
+    await broker.housekeeping(0)
+    clock[0] = 30
+    await broker.housekeeping(0)
+    assert await broker.presence_stats("room") == PresenceStats(0, 0)
+    assert broker._presence == {}

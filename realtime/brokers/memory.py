@@ -16,6 +16,8 @@ from realtime.core.broker import (
     BrokerHandler,
     HistoryPolicy,
     HistoryResult,
+    PresenceEntry,
+    PresenceStats,
     Publication,
     PublishResult,
     StreamPosition,
@@ -50,6 +52,8 @@ class MemoryBroker(Broker):
         self._subscribed: set[str] = set()
         # (channel, key) -> (expires_at, result)
         self._idempotency: dict[tuple[str, str], tuple[float, PublishResult]] = {}
+        # channel -> client -> (expires_at, entry)
+        self._presence: dict[str, dict[str, tuple[float, PresenceEntry]]] = {}
         self._now = time.monotonic
 
     async def start(self, handler: BrokerHandler) -> None:
@@ -133,8 +137,36 @@ class MemoryBroker(Broker):
             pubs = pubs[:limit]
         return HistoryResult(pubs, position)
 
+    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> None:
+        self._presence.setdefault(channel, {})[entry.client] = (self._now() + ttl, entry)
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        entries = self._presence.get(channel)
+        if entries is not None:
+            entries.pop(client, None)
+            if not entries:
+                del self._presence[channel]
+
+    def _live_presence(self, channel: str) -> list[PresenceEntry]:
+        now = self._now()
+        entries = self._presence.get(channel, {})
+        return [entry for until, entry in entries.values() if until > now]
+
+    async def presence(self, channel: str) -> dict[str, PresenceEntry]:
+        return {entry.client: entry for entry in self._live_presence(channel)}
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        live = self._live_presence(channel)
+        return PresenceStats(clients=len(live), users=len({entry.user for entry in live}))
+
     async def housekeeping(self, now: float) -> None:
         now = self._now()
+        for channel in list(self._presence):
+            entries = self._presence[channel]
+            for client in [c for c, (until, _) in entries.items() if until <= now]:
+                del entries[client]
+            if not entries:
+                del self._presence[channel]
         expired = [key for key, (until, _) in self._idempotency.items() if until <= now]
         for key in expired:
             del self._idempotency[key]

@@ -10,13 +10,15 @@ The contract every implementation keeps:
   client), through the `BrokerHandler` given to `start`.
 - `history(since=...)` returns the publications after a position, oldest first, plus the
   current top position, from which the caller decides whether recovery is complete.
+- presence entries live for a TTL and are refreshed by re-adding them, so a node that dies
+  without cleaning up leaves nothing behind for long.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,22 @@ class HistoryPolicy:
     size: int
     ttl: float  # seconds a publication stays in history
     meta_ttl: float  # seconds an idle stream's epoch/offset are kept
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    """One client present in a channel (a WebSocket connection or, later, an MQTT device)."""
+
+    client: str
+    user: str
+    device: str = ""
+    info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    clients: int
+    users: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +149,20 @@ class Broker(ABC):
 
         When `since` is from another epoch, returns no publications and the current top.
         """
+
+    @abstractmethod
+    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> None:
+        """Add or refresh `entry`; it disappears `ttl` seconds after its last refresh."""
+
+    @abstractmethod
+    async def remove_presence(self, channel: str, client: str) -> None: ...
+
+    @abstractmethod
+    async def presence(self, channel: str) -> dict[str, PresenceEntry]:
+        """Live entries by client id."""
+
+    @abstractmethod
+    async def presence_stats(self, channel: str) -> PresenceStats: ...
 
     async def position(self, channel: str, policy: HistoryPolicy) -> StreamPosition:
         """The stream's current top (creating the stream so its epoch is stable)."""
