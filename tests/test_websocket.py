@@ -544,3 +544,30 @@ async def test_json_replies_share_a_frame_one_per_line(gateway: Gateway) -> None
         frame = await ws.recv()
         assert isinstance(frame, str)
         assert frame.split("\n") == ['{"id":2,"subscribe":{}}', '{"id":3,"subscribe":{}}']
+
+
+async def test_garbage_on_the_socket_never_hurts_others(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    """Random bytes before and after the handshake: each bad connection is closed, the
+    process and a bystander carry on."""
+    import random
+
+    bystander = await RawClient.open(gateway)
+    clients.append(bystander)
+    await bystander.subscribe("news")
+    rng = random.Random(7)
+    for round_ in range(30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.websocket.port)
+        if round_ % 2:  # a valid handshake first, then garbage frames
+            writer.write(
+                b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+        writer.write(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000))))
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 5)  # the server answers or closes, never hangs
+        writer.close()
+    await publish(gateway, "news", "still here")
+    assert json.loads((await bystander.publication()).pub.data) == "still here"

@@ -32,7 +32,6 @@ from realtime.core.ratelimit import TokenBucket
 from realtime.core.session import CLOSING, CONNECTED, Session
 from realtime.core.topics import channel_error
 from realtime.core.writer import FlushScheduler
-from realtime.log import event
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codec import CODECS
@@ -89,6 +88,7 @@ class Node:
             assert version is not None  # validated with the config
             self.min_versions[platform] = version
         self.sessions: set[Session] = set()  # every open transport session
+        self.connecting: set[Session] = set()  # not yet through connect
         self.users: dict[str, set[Session]] = {}  # connected sessions by user
         self.user_buckets: dict[str, TokenBucket] = {}
         self.draining = False
@@ -139,10 +139,12 @@ class Node:
     def attach(self, session: Session) -> None:
         """A transport opened a session (not yet connected)."""
         self.sessions.add(session)
+        self.connecting.add(session)
 
     def register(self, session: Session) -> None:
         """The session completed connect."""
         assert session.principal is not None
+        self.connecting.discard(session)
         self.users.setdefault(session.principal.user, set()).add(session)
         self._ping_buckets[self._ping_next].add(session)
         self._ping_next = (self._ping_next + 1) % len(self._ping_buckets)
@@ -150,6 +152,7 @@ class Node:
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.connecting.discard(session)
         for bucket in self._ping_buckets:
             bucket.discard(session)
         user = session.user
@@ -396,8 +399,8 @@ class Node:
     def tick(self, now: float) -> None:
         """Once a second: connect deadlines, one ping bucket, token expiry, idle buckets."""
         deadline = self.config.client.connect_timeout
-        for session in [s for s in self.sessions if s.state < CONNECTED]:
-            if now - session.last_rx > deadline:
+        for session in [s for s in self.connecting if now - s.last_rx > deadline]:
+            if session.state < CONNECTED:
                 session.close(CloseCode.CONNECT_TIMEOUT, "no connect command in time")
         client = self.config.client
         silent_limit = client.ping_interval + client.pong_timeout
@@ -416,10 +419,12 @@ class Node:
                     ProtocolError(ErrorCode.TOKEN_EXPIRED, "token expired", False),
                     close=CloseCode.TOKEN_EXPIRED,
                 )
+        if len(expiry) > 2 * len(self.sessions) + 1000:
+            # Closed sessions stay in the heap until their token would expire: compact it
+            # so that reconnect churn cannot pin them in memory.
+            self._expiry = [item for item in expiry if item[2].state == CONNECTED]
+            heapq.heapify(self._expiry)
         if len(self.user_buckets) > len(self.users):
             idle = [u for u, b in self.user_buckets.items() if u not in self.users and b.full(now)]
             for user in idle:
                 del self.user_buckets[user]
-        event_count = len(self.sessions)
-        if event_count and self.draining:
-            event(log, "draining", logging.DEBUG, open=event_count)
