@@ -1,0 +1,505 @@
+"""Fan-out load generator: raw uvloop asyncio.Protocol WebSocket clients.
+
+Spawned by bench/fanout/run.py, one process per measurement. It talks to the orchestrator
+with lines on stdin/stdout:
+
+    loadgen -> "READY"   subscribers are connected and subscribed
+    run.py  -> "GO"      (after snapshotting server CPU / RSS)
+    loadgen -> "DONE"    the measured phase is over
+    loadgen -> {...}     one JSON line with the results, then exit
+
+Clients are hand-written (no websockets library: it would be the bottleneck with thousands
+of subscribers): HTTP upgrade, masked client frames, and a frame parser that counts
+*messages* by walking the varint length prefixes inside each binary frame, so the gateway
+(several messages per frame) and the reference (one frame per message) count the same.
+
+Modes:
+  throughput  N subscribers + 1 publisher; bursts of B publishes back to back, then wait for
+              all N*B deliveries; repeat until M messages.
+  latency     N subscribers; publish at a fixed rate with time.monotonic_ns() in the payload;
+              per-delivery latency percentiles and loss.
+  idle        C connected + subscribed clients that do nothing (for RSS per connection).
+
+--server picks what the publisher sends: to the gateway a `Command{publish}`; to the
+reference the exact `Reply{push{pub}}` bytes the gateway would deliver (the reference
+forwards payloads untouched), so subscribers receive the same bytes from both servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import resource
+import struct
+import sys
+import time
+
+import jwt
+import uvloop
+
+from realtime.protocol import realtime_pb2 as pb
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SUBPROTOCOL = "realtime.v1.proto"
+PATH = "/connection/websocket"
+CHANNEL = "bench/fanout"
+CONTROL_CHANNEL = "bench/control"  # the publisher's own subscription (never published to)
+PAYLOAD_BYTES = 100
+
+SETUP, COUNT, RECORD = 0, 1, 2
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def delimited(message: bytes) -> bytes:
+    return varint(len(message)) + message
+
+
+def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """A masked client frame (RFC 6455 5.3: a fresh random key per frame)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    key = os.urandom(4)
+    if n:
+        mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+        payload = (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
+    return header + key + payload
+
+
+def count_messages(data: bytes, pos: int, end: int) -> int:
+    """How many publications lie in data[pos:end], a run of varint-length-prefixed
+    messages. Messages shorter than the payload (server pings, replies) are not counted."""
+    n = 0
+    while pos < end:
+        b = data[pos]
+        if b < 0x80:
+            pos += 1 + b
+            if b >= PAYLOAD_BYTES:
+                n += 1
+            continue
+        length = b & 0x7F
+        shift = 7
+        pos += 1
+        while True:
+            b = data[pos]
+            pos += 1
+            length |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        pos += length
+        if length >= PAYLOAD_BYTES:
+            n += 1
+    return n
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.target = 0
+        self.reached: asyncio.Event | None = None
+        self.samples: list[tuple[int, bytes]] = []  # (receive monotonic_ns, frame payload)
+        self.errors: list[str] = []
+
+    def arm(self, target: int) -> asyncio.Event:
+        self.target = target
+        self.reached = asyncio.Event()
+        if self.delivered >= target:
+            self.reached.set()
+        return self.reached
+
+
+class Client(asyncio.Protocol):
+    __slots__ = (
+        "_host",
+        "buffer",
+        "closing",
+        "key",
+        "messages",
+        "mode",
+        "opened",
+        "stats",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, stats: Stats, host: str, port: int) -> None:
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.opened = False
+        self.closing = False
+        self.mode = SETUP
+        self.messages: list[bytes] = []  # SETUP mode: decoded later
+        self.waiter: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+        self.key = base64.b64encode(os.urandom(16))
+        self._host = f"{host}:{port}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(  # type: ignore[union-attr]
+            (
+                f"GET {PATH} HTTP/1.1\r\nHost: {self._host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: " + self.key.decode() + "\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+            ).encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closing:
+            self.stats.errors.append(f"connection lost: {exc!r}")
+        self._wake(ConnectionError(f"connection lost: {exc!r}"))
+
+    def _wake(self, exc: BaseException | None = None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        if self.buffer:
+            data = self.buffer + data
+        if not self.opened:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = data
+                return
+            response = data[:end].decode("latin-1")
+            expected = base64.b64encode(hashlib.sha1(self.key + GUID).digest()).decode()
+            lines = response.split("\r\n")
+            pairs = (line.partition(":") for line in lines[1:])
+            headers = {k.strip().lower(): v.strip() for k, _, v in pairs}
+            if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != expected:
+                self._wake(ConnectionError(f"handshake refused: {lines[0]}"))
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            if headers.get("sec-websocket-protocol") != SUBPROTOCOL:
+                self._wake(ConnectionError("server did not select realtime.v1.proto"))
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            self.opened = True
+            data = data[end + 4 :]
+            self._wake()
+        pos = 0
+        size = len(data)
+        mode = self.mode
+        delivered = 0
+        while size - pos >= 2:
+            length = data[pos + 1]  # server frames are unmasked
+            head = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                head = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            start = pos + head
+            end = start + length
+            if end > size:
+                break
+            opcode = data[pos] & 0x0F
+            if opcode == 0x2:
+                if mode == COUNT:
+                    delivered += count_messages(data, start, end)
+                elif mode == RECORD:
+                    payload = data[start:end]
+                    self.stats.samples.append((now, payload))
+                    delivered += count_messages(payload, 0, length)
+                else:
+                    self.messages.append(data[start:end])
+                    self._wake()
+            elif opcode == 0x9:  # ping
+                self.transport.write(client_frame(data[start:end], 0xA))  # type: ignore[union-attr]
+            elif opcode == 0x8:
+                self.stats.errors.append(f"server closed: {data[start:end]!r}")
+            elif opcode == 0x1:
+                self.stats.errors.append("unexpected text frame")
+            pos = end
+        self.buffer = data[pos:] if pos < size else b""
+        if delivered:
+            stats = self.stats
+            stats.delivered += delivered
+            if stats.delivered >= stats.target and stats.reached is not None:
+                stats.reached.set()
+
+    async def wait(self, timeout: float) -> None:
+        if self.waiter is not None:
+            await asyncio.wait_for(self.waiter, timeout)
+        self.waiter = asyncio.get_running_loop().create_future()
+
+    async def request(self, payload: bytes, timeout: float) -> pb.Reply:
+        """Send one Command (delimited) and wait for the next message."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        before = len(self.messages)
+        assert self.transport is not None
+        self.transport.write(client_frame(payload))
+        while len(self.messages) == before:
+            await asyncio.wait_for(self.waiter, timeout)
+            self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = None
+        frame = self.messages[before]
+        reply = pb.Reply.FromString(_first_message(frame))
+        if reply.HasField("error"):
+            raise RuntimeError(f"server error: {reply.error.code} {reply.error.message}")
+        return reply
+
+
+def _first_message(frame: bytes) -> bytes:
+    length, shift, pos = 0, 0, 0
+    while True:
+        b = frame[pos]
+        pos += 1
+        length |= (b & 0x7F) << shift
+        if b < 0x80:
+            return frame[pos : pos + length]
+        shift += 7
+
+
+class LoadGen:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stats = Stats()
+        self.loop = asyncio.get_running_loop()
+        self.clients: list[Client] = []
+        self.publishers: list[Client] = []
+        self.secret = args.secret
+
+    def token(self, user: str) -> str:
+        return jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, self.secret, "HS256")
+
+    async def open_client(self, user: str, channel: str) -> tuple[Client, pb.Reply]:
+        args = self.args
+        _, client = await self.loop.create_connection(
+            lambda: Client(self.stats, args.host, args.port), args.host, args.port
+        )
+        await client.wait(args.step_timeout)  # 101 received
+        connect = pb.Command(id=1, connect=pb.ConnectRequest(token=self.token(user)))
+        reply = await client.request(delimited(connect.SerializeToString()), args.step_timeout)
+        subscribe = pb.Command(id=2, subscribe=pb.SubscribeRequest(channel=channel))
+        await client.request(delimited(subscribe.SerializeToString()), args.step_timeout)
+        client.messages = []
+        return client, reply
+
+    async def open_subscribers(self, count: int) -> None:
+        batch = self.args.batch
+        for first in range(0, count, batch):
+            results = await asyncio.gather(
+                *(
+                    self.open_client(f"u{i}", CHANNEL)
+                    for i in range(first, min(first + batch, count))
+                )
+            )
+            self.clients.extend(client for client, _ in results)
+        gc.collect()
+        gc.freeze()
+
+    async def open_publisher(self) -> tuple[Client, str]:
+        client, reply = await self.open_client("publisher", CONTROL_CHANNEL)
+        self.publishers.append(client)
+        # The gateway's connection id shows up in every publication it delivers; against the
+        # reference, a made-up id of the same length keeps the delivered bytes the same.
+        return client, reply.connect.client or "Pb" + "x" * 10
+
+    def publish_bytes(self, data: bytes, client_id: str) -> bytes:
+        """One publish, as the masked frame this server needs."""
+        message: pb.Command | pb.Reply
+        if self.args.server == "gateway":
+            message = pb.Command(id=0, publish=pb.PublishRequest(channel=CHANNEL, data=data))
+        else:
+            pub = pb.Publication(data=data)
+            pub.info.user = "publisher"
+            pub.info.client = client_id
+            message = pb.Reply(push=pb.Push(channel=CHANNEL, pub=pub))
+        return client_frame(delimited(message.SerializeToString()))
+
+    async def handshake_with_orchestrator(self) -> None:
+        print("READY", flush=True)
+        line = await self.loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "GO":
+            raise RuntimeError(f"expected GO from the orchestrator, got {line!r}")
+
+    def close_all(self) -> None:
+        for client in self.clients + self.publishers:
+            client.closing = True
+            if client.transport is not None:
+                client.transport.abort()
+
+    # ------------------------------------------------------------------ modes
+
+    async def throughput(self) -> dict[str, object]:
+        args = self.args
+        await self.open_subscribers(args.n)
+        publisher, client_id = await self.open_publisher()
+        for client in self.clients:
+            client.mode = COUNT
+        burst = b"".join(
+            self.publish_bytes(bytes([i % 256]) * PAYLOAD_BYTES, client_id)
+            for i in range(args.burst)
+        )
+        bursts = max(1, args.messages // args.burst)
+        await self.handshake_with_orchestrator()
+        stats = self.stats
+        start = time.perf_counter()
+        timeouts = 0
+        for i in range(bursts):
+            reached = stats.arm((i + 1) * args.n * args.burst)
+            publisher.transport.write(burst)  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(reached.wait(), args.burst_timeout)
+            except TimeoutError:
+                timeouts += 1
+                break
+        elapsed = time.perf_counter() - start
+        print("DONE", flush=True)
+        sent = bursts * args.burst
+        return {
+            "mode": "throughput",
+            "n": args.n,
+            "messages": sent,
+            "expected": sent * args.n,
+            "delivered": stats.delivered,
+            "elapsed": elapsed,
+            "timeouts": timeouts,
+        }
+
+    async def latency(self) -> dict[str, object]:
+        args = self.args
+        await self.open_subscribers(args.n)
+        publisher, client_id = await self.open_publisher()
+        for client in self.clients:
+            client.mode = RECORD
+        stats = self.stats
+        count = int(args.rate * args.duration)
+        await self.handshake_with_orchestrator()
+        began = time.perf_counter()
+        interval = 1.0 / args.rate
+        start = self.loop.time() + 0.05
+        pad = bytes(PAYLOAD_BYTES - 8)
+        for i in range(count):
+            delay = start + i * interval - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            data = time.monotonic_ns().to_bytes(8, "big") + pad
+            publisher.transport.write(self.publish_bytes(data, client_id))  # type: ignore[union-attr]
+        reached = stats.arm(count * args.n)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reached.wait(), args.burst_timeout)
+        elapsed = time.perf_counter() - began
+        print("DONE", flush=True)
+        latencies: list[float] = []
+        for received, payload in stats.samples:
+            pos = 0
+            end = len(payload)
+            while pos < end:  # split the frame into messages
+                length, shift = 0, 0
+                while True:
+                    b = payload[pos]
+                    pos += 1
+                    length |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+                reply = pb.Reply.FromString(payload[pos : pos + length])
+                pos += length
+                if reply.push.HasField("pub"):
+                    sent = int.from_bytes(reply.push.pub.data[:8], "big")
+                    latencies.append((received - sent) / 1e6)
+        latencies.sort()
+
+        def pct(p: float) -> float:
+            if not latencies:
+                return float("nan")
+            return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+
+        return {
+            "mode": "latency",
+            "n": args.n,
+            "messages": count,
+            "expected": count * args.n,
+            "delivered": len(latencies),
+            "lost": count * args.n - len(latencies),
+            "elapsed": elapsed,
+            "rate_deliveries": args.rate * args.n,
+            "p50_ms": pct(50),
+            "p90_ms": pct(90),
+            "p99_ms": pct(99),
+            "max_ms": latencies[-1] if latencies else float("nan"),
+        }
+
+    async def idle(self) -> dict[str, object]:
+        start = time.perf_counter()
+        await self.open_subscribers(self.args.n)
+        opened = time.perf_counter() - start
+        await self.handshake_with_orchestrator()
+        alive = sum(1 for c in self.clients if c.transport is not None)
+        print("DONE", flush=True)
+        return {"mode": "idle", "n": self.args.n, "alive": alive, "open_seconds": opened}
+
+
+async def main(args: argparse.Namespace) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    loadgen = LoadGen(args)
+    result: dict[str, object]
+    try:
+        async with asyncio.timeout(args.deadline):
+            result = await getattr(loadgen, args.mode)()
+    finally:
+        loadgen.close_all()
+    result["server"] = args.server
+    result["errors"] = loadgen.stats.errors[:5]
+    result["error_count"] = len(loadgen.stats.errors)
+    print(json.dumps(result), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="fan-out load generator (see module doc)")
+    parser.add_argument("mode", choices=["throughput", "latency", "idle"])
+    parser.add_argument("--server", choices=["gateway", "reference"], required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--secret",
+        default=os.environ.get("BENCH_HMAC_SECRET", ""),
+        help="HS256 secret for connect tokens (default: $BENCH_HMAC_SECRET)",
+    )
+    parser.add_argument("-n", type=int, default=100, help="subscribers (idle: connections)")
+    parser.add_argument("--messages", type=int, default=1000, help="throughput: publishes")
+    parser.add_argument("--burst", type=int, default=50, help="throughput: publishes per burst")
+    parser.add_argument("--rate", type=float, default=20.0, help="latency: publishes/second")
+    parser.add_argument("--duration", type=float, default=5.0, help="latency: seconds")
+    parser.add_argument("--batch", type=int, default=200, help="connections opened at once")
+    parser.add_argument("--step-timeout", type=float, default=20.0)
+    parser.add_argument("--burst-timeout", type=float, default=30.0)
+    parser.add_argument("--deadline", type=float, default=150.0, help="hard limit, seconds")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse_args()))
