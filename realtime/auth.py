@@ -21,6 +21,8 @@ import jwt
 from realtime.config import AuthConfig
 from realtime.core.topics import FilterSet, filter_error
 
+NO_FILTERS = FilterSet(())
+
 
 class AuthError(Exception):
     def __init__(self, message: str, *, expired: bool = False) -> None:
@@ -33,13 +35,15 @@ class Principal:
     user: str
     device: str = ""
     expires_at: float = 0.0  # unix time; 0 = never
-    subscribe: FilterSet = field(default_factory=lambda: FilterSet(()))
-    publish: FilterSet = field(default_factory=lambda: FilterSet(()))
+    subscribe: FilterSet = field(default_factory=lambda: NO_FILTERS)
+    publish: FilterSet = field(default_factory=lambda: NO_FILTERS)
     info: dict[str, Any] = field(default_factory=dict)
 
 
 def _filters(claims: dict[str, Any], name: str) -> FilterSet:
     value = claims.get(name, [])
+    if not value and isinstance(value, list):
+        return NO_FILTERS
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise AuthError(f"claim {name!r} must be a list of channel filters")
     for item in value:

@@ -1,8 +1,9 @@
 """Channels and their local subscribers; fan-out of publications.
 
-Subscribers are grouped by wire format. A publication is encoded once per format that has
-subscribers, and the same bytes are pushed to each subscriber's outbound queue: no per-
-delivery encoding, task, future or log line.
+Subscribers are grouped by wire format (a transport and an encoding, e.g. WebSocket +
+protobuf). A publication is encoded *and framed* once per format that has subscribers,
+and the same bytes are pushed to each subscriber's outbound queue: no per-delivery
+encoding, framing, task, future or log line.
 
 A subscriber that is still recovering (its subscribe reply is being built from history) is
 *buffering*: publications for it are kept aside and merged, by offset, when the reply is
@@ -18,8 +19,11 @@ from realtime.core.writer import Outbound
 
 
 class WireFormat(Protocol):
-    @property
-    def name(self) -> str: ...
+    """What a kind of connection receives: complete, ready-to-write bytes."""
+
+    def frame(self, message: bytes) -> bytes:
+        """Wrap one encoded message for the transport."""
+        ...
 
     def encode_publication(
         self,

@@ -27,19 +27,19 @@ from realtime.core.broker import (
     PublishResult,
     StreamPosition,
 )
-from realtime.core.hub import Hub
+from realtime.core.hub import Hub, WireFormat
 from realtime.core.ratelimit import TokenBucket
 from realtime.core.session import CLOSING, CONNECTED, Session
 from realtime.core.topics import channel_error
 from realtime.core.writer import FlushScheduler
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codec import CODECS
 from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError
 
 log = logging.getLogger("realtime.node")
 
 MAX_HISTORY_LIMIT = 1000
+PING = pb.Reply(push=pb.Push(ping=pb.ServerPing()))
 
 
 class Namespace:
@@ -98,10 +98,7 @@ class Node:
         interval = config.client.ping_interval
         self._ping_buckets: list[set[Session]] = [set() for _ in range(interval)]
         self._ping_next = 0
-        self._ping_payloads = {
-            codec: codec.encode_reply(pb.Reply(push=pb.Push(ping=pb.ServerPing())))
-            for codec in CODECS.values()
-        }
+        self._pings: dict[WireFormat, bytes] = {}  # one shared ping frame per wire format
         self._housekeeper: asyncio.Task[None] | None = None
         self.wall_time = time.time
         self._register_gauges()
@@ -163,7 +160,7 @@ class Node:
                 if not sessions:
                     del self.users[user]
         for channel in session.channels:
-            if self.hub.remove(channel, session.outbound, session.codec):
+            if self.hub.remove(channel, session.outbound, session.wire):
                 self._release_channel(channel)
         session.channels.clear()
 
@@ -224,8 +221,8 @@ class Node:
                 f"at most {self.config.limits.max_subscriptions} subscriptions per connection",
             )
         policy = ns.history
-        out, codec = session.outbound, session.codec
-        first = self.hub.add(channel, out, codec, buffering=policy is not None)
+        out, wire = session.outbound, session.wire
+        first = self.hub.add(channel, out, wire, buffering=policy is not None)
         session.channels.add(channel)
         result = pb.SubscribeResult()
         try:
@@ -249,12 +246,12 @@ class Node:
         except BaseException:
             if session.state < CLOSING and channel in session.channels:
                 session.channels.discard(channel)
-                if self.hub.remove(channel, out, codec):
+                if self.hub.remove(channel, out, wire):
                     self._release_channel(channel)
             raise
         if session.state >= CLOSING:
             return result, []
-        buffered = self.hub.go_live(channel, out, codec)
+        buffered = self.hub.go_live(channel, out, wire)
         result.recoverable = True
         result.position.CopyFrom(_pb_position(top))
         # Whatever arrived while history was read: keep only what lies past the reply.
@@ -265,7 +262,7 @@ class Node:
         if channel not in session.channels:
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
         session.channels.discard(channel)
-        if self.hub.remove(channel, session.outbound, session.codec):
+        if self.hub.remove(channel, session.outbound, session.wire):
             await self._broker_unsubscribe(channel)
 
     # ------------------------------------------------------------------ publish
@@ -409,7 +406,11 @@ class Node:
             if now - session.last_rx > silent_limit:
                 session.close(CloseCode.NO_PONG, "no pong: the connection looks dead")
             else:
-                session.push_raw(self._ping_payloads[session.codec])
+                ping = self._pings.get(session.wire)
+                if ping is None:
+                    message = session.codec.encode_reply(PING)
+                    ping = self._pings[session.wire] = session.wire.frame(message)
+                session.push_raw(ping)
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             expires_at, _, session = heapq.heappop(expiry)

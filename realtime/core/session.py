@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from realtime.auth import AuthError, Principal
 from realtime.config import parse_version
 from realtime.core.broker import BrokerUnavailable, StreamPosition
+from realtime.core.hub import WireFormat
 from realtime.core.ratelimit import TokenBucket
 from realtime.core.writer import Outbound, Sink
 from realtime.log import event
@@ -59,6 +59,7 @@ class Session:
         "runner",
         "state",
         "transport",
+        "wire",
     )
 
     def __init__(
@@ -66,6 +67,7 @@ class Session:
         node: Node,
         transport: SessionTransport,
         codec: Codec,
+        wire: WireFormat,
         *,
         handshake_token: str = "",
         remote: str = "",
@@ -74,12 +76,13 @@ class Session:
         self.node = node
         self.transport = transport
         self.codec = codec
+        self.wire = wire
         self.handshake_token = handshake_token
         self.remote = remote
         self.state = CONNECTING
         self.principal: Principal | None = None
         self.channels: set[str] = set()
-        self.queue: deque[pb.Command] = deque()
+        self.queue: list[pb.Command] = []
         self.runner: asyncio.Task[None] | None = None
         self.outbound = Outbound(
             transport, node.flusher, node.config.limits.max_queue_bytes, self._on_overflow
@@ -116,9 +119,12 @@ class Session:
 
     async def _run(self) -> None:
         try:
-            queue = self.queue
-            while queue and self.state < CLOSING:
-                await self._execute(queue.popleft())
+            while self.queue and self.state < CLOSING:
+                batch, self.queue = self.queue, []
+                for command in batch:
+                    if self.state >= CLOSING:
+                        break
+                    await self._execute(command)
         finally:
             self.runner = None
 
@@ -279,10 +285,10 @@ class Session:
         if self.state >= CLOSING:
             return
         self.reply(command_id, pb.Reply(subscribe=result))
-        codec = self.codec
+        wire = self.wire
         for pub in backlog:
             self.outbound.push(
-                codec.encode_publication(
+                wire.encode_publication(
                     req.channel, pub.offset, pub.data, pub.user, pub.client, pub.tags
                 )
             )
@@ -294,7 +300,7 @@ class Session:
             return
         reply.id = command_id
         self.node.metrics.messages_out += 1
-        self.outbound.push(self.codec.encode_reply(reply))
+        self.outbound.push(self.wire.frame(self.codec.encode_reply(reply)))
 
     def fail(self, command_id: int, error: ProtocolError, close: CloseCode | None = None) -> None:
         self.node.metrics.errors[int(error.code)] += 1
@@ -314,7 +320,7 @@ class Session:
             self.close(close, error.message)
 
     def push_raw(self, payload: bytes) -> None:
-        """Queue an already-encoded message (pings, shared pushes)."""
+        """Queue an already-framed message (pings, shared pushes)."""
         if self.state < CLOSING:
             self.outbound.push(payload)
 
@@ -329,7 +335,8 @@ class Session:
             reconnect=code.reconnect,
             reconnect_after_ms=reconnect_after_ms,
         )
-        self.outbound.push(self.codec.encode_reply(pb.Reply(push=pb.Push(disconnect=disconnect))))
+        push = pb.Reply(push=pb.Push(disconnect=disconnect))
+        self.outbound.push(self.wire.frame(self.codec.encode_reply(push)))
         self.outbound.flush_now()
         self.state = CLOSING
         self.outbound.closed = True

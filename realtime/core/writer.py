@@ -3,9 +3,10 @@
 `Outbound.push` is the whole per-delivery cost of a fan-out: append shared bytes, count
 them, and put the connection on the flush list the first time in a tick. The flush joins
 what a connection collected into one write (measured: ~9x more deliveries per CPU-second
-than one write per message). A connection whose queued bytes (ours plus the transport's
-buffer) pass its limit is reported once through `on_overflow` and dropped from then on:
-a slow client never slows the others.
+than one write per message). A connection whose queued bytes pass its limit, here within
+a tick or in the transport's buffer (the transport calls `overflow` from its high-water
+callback), is reported once through `on_overflow` and dropped from then on: a slow
+client never slows the others.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Protocol
 
 
 class Sink(Protocol):
-    def write_payloads(self, payloads: list[bytes], size: int) -> int:
-        """Write the messages (already encoded and delimited); return the bytes the
-        transport still holds unsent."""
+    def write_payloads(self, payloads: list[bytes], size: int) -> None:
+        """Write these ready-to-write chunks (`size` bytes in all) in one go."""
         ...
 
 
@@ -71,9 +71,9 @@ class Outbound:
             self.queued = True
             self.scheduler.schedule(self)
         if self.size > self.limit:
-            self._overflow()
+            self.overflow()
 
-    def _overflow(self) -> None:
+    def overflow(self) -> None:
         self.items = []
         self.size = 0
         if not self.closed:
@@ -88,10 +88,8 @@ class Outbound:
         self.items = []
         size = self.size
         self.size = 0
-        if self.closed:
-            return
-        if self.sink.write_payloads(items, size) > self.limit:
-            self._overflow()
+        if not self.closed:
+            self.sink.write_payloads(items, size)
 
     def flush_now(self) -> None:
         """Write what is queued without waiting for the end of the tick (before closing)."""

@@ -5,10 +5,11 @@ Two encodings, chosen by subprotocol:
 - ``realtime.v1.proto``: binary frames; each message is prefixed by its varint length.
 - ``realtime.v1.json``: text frames; one JSON object per line.
 
-Every ``encode_*`` function returns one message; messages sharing a frame are joined with
-the codec's ``separator`` (nothing for protobuf, whose messages carry their length; a
-newline for JSON). Publications are encoded once per publication
-(`encode_publication`) and the same bytes go to every subscriber using that codec.
+Every ``encode_*`` function returns one message (a protobuf one carries its varint length
+prefix). Clients may put several messages in one frame; the server sends one message per
+frame and puts all the frames it has for a connection in one write. Publications are
+encoded once per publication (`encode_publication`) and the same bytes go to every
+subscriber using that codec.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ MAX_MESSAGES_PER_FRAME: Final = 1000
 class ProtobufCodec:
     name: Final = PROTO_SUBPROTOCOL
     binary: Final = True
-    # Between messages sharing a frame (each message already carries its length).
-    separator: Final = b""
 
     def decode_commands(self, frame: bytes) -> list[pb.Command]:
         if not frame:
@@ -247,7 +246,6 @@ def _dumps(obj: Any) -> bytes:
 class JsonCodec:
     name: Final = JSON_SUBPROTOCOL
     binary: Final = False
-    separator: Final = b"\n"
 
     def decode_commands(self, frame: bytes) -> list[pb.Command]:
         try:

@@ -1,9 +1,11 @@
 """WebSocket transport: websockets' sans-I/O ServerProtocol on an asyncio.Protocol.
 
 websockets parses the handshake and inbound frames (RFC 6455, masks, control frames,
-size limits); outbound data bypasses it: the messages a connection collected during one
-loop tick go out as one pre-built frame in one `transport.write`. No task per connection:
-an idle connection is this object, the sans-I/O parser and its session.
+size limits); outbound data bypasses it. Server frames are unmasked, so a publication is
+framed once and the same frame goes to every subscriber; the frames a connection collected
+during one loop tick go out in one `transport.write`. Slow readers are caught by the
+transport's own high-water mark (`pause_writing`), at no cost per write. No task per
+connection: an idle connection is this object, the sans-I/O parser and its session.
 
 The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers).
 """
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -26,22 +29,48 @@ from websockets.typing import Subprotocol
 from realtime.core.node import Node
 from realtime.core.session import Session
 from realtime.log import event
-from realtime.protocol.codec import CODECS, JSON, JSON_SUBPROTOCOL, PROTO_SUBPROTOCOL
+from realtime.metrics import Metrics
+from realtime.protocol.codec import CODECS, JSON, JSON_SUBPROTOCOL, PROTO_SUBPROTOCOL, Codec
 from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
 
 log = logging.getLogger("realtime.websocket")
 
 WEBSOCKET_PATH = "/connection/websocket"
 SUBPROTOCOLS = [Subprotocol(PROTO_SUBPROTOCOL), Subprotocol(JSON_SUBPROTOCOL)]
-# A flush larger than this is split into several frames (at message boundaries), so that
-# clients with a default 1 MiB message limit never see an oversized frame.
-MAX_OUT_FRAME = 65_536
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
 
 # websockets logs every closed connection at INFO; connections are not events worth a line.
 _quiet_logger = logging.getLogger("realtime.websocket.protocol")
 _quiet_logger.setLevel(logging.WARNING)
+
+
+class WebSocketWire:
+    """The hub's wire format for WebSocket connections of one codec: whole frames."""
+
+    __slots__ = ("codec", "opcode")
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.opcode = OP_BINARY if codec.binary else OP_TEXT
+
+    def frame(self, message: bytes) -> bytes:
+        return frame_header(self.opcode, len(message)) + message
+
+    def encode_publication(
+        self,
+        channel: str,
+        offset: int,
+        data: bytes,
+        user: str,
+        client: str,
+        tags: dict[str, str] | None,
+    ) -> bytes:
+        return self.frame(self.codec.encode_publication(channel, offset, data, user, client, tags))
+
+
+WIRES = {name: WebSocketWire(codec) for name, codec in CODECS.items()}
+_NO_HEADERS = Headers()
 
 
 def _select_subprotocol(
@@ -79,10 +108,9 @@ class WebSocketConnection(asyncio.Protocol):
     __slots__ = (
         "_fragments",
         "_timer",
-        "opcode",
+        "metrics",
         "protocol",
         "remote",
-        "separator",
         "server",
         "session",
         "transport",
@@ -99,8 +127,7 @@ class WebSocketConnection(asyncio.Protocol):
             logger=_quiet_logger,
         )
         self.session: Session | None = None
-        self.opcode = OP_BINARY
-        self.separator = b""
+        self.metrics: Metrics = server.node.metrics
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.remote = ""
@@ -110,6 +137,9 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        # pause_writing() fires when this many bytes wait in the socket buffer: that client
+        # is too slow (see Outbound.overflow).
+        self.transport.set_write_buffer_limits(high=self.server.node.config.limits.max_queue_bytes)
         peer = transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.connections.add(self)
@@ -127,6 +157,10 @@ class WebSocketConnection(asyncio.Protocol):
             elif isinstance(ev, Request):
                 self._handshake(ev)
         self._write_protocol_output()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.outbound.overflow()
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
@@ -178,11 +212,17 @@ class WebSocketConnection(asyncio.Protocol):
         if response.status_code != 101:
             return
         codec = CODECS.get(protocol.subprotocol or "", JSON)
-        self.opcode = OP_BINARY if codec.binary else OP_TEXT
-        self.separator = codec.separator
         self.session = Session(
-            node, self, codec, handshake_token=_handshake_token(request), remote=self.remote
+            node,
+            self,
+            codec,
+            WIRES[codec.name],
+            handshake_token=_handshake_token(request),
+            remote=self.remote,
         )
+        # websockets' parser generator keeps the request alive for the whole connection:
+        # drop its headers (~2.5 KB per idle connection) now that we are done with them.
+        request.headers = _NO_HEADERS
         node.attach(self.session)
         if self._timer is not None:
             self._timer.cancel()
@@ -225,38 +265,12 @@ class WebSocketConnection(asyncio.Protocol):
         if self.protocol.close_expected() and self.protocol.state is State.CLOSED:
             transport.close()
 
-    def write_payloads(self, payloads: list[bytes], size: int) -> int:
+    def write_payloads(self, payloads: list[bytes], size: int) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
-            return 0
-        self.server.node.metrics.bytes_out += size
-        separator = self.separator
-        if separator:
-            size += len(payloads) - 1
-        if size > MAX_OUT_FRAME:
-            self._write_split(transport, payloads)
-        elif separator:
-            body = separator.join(payloads)
-            transport.write(frame_header(self.opcode, len(body)) + body)
-        else:
-            payloads.insert(0, frame_header(self.opcode, size))
-            transport.write(b"".join(payloads))
-        return transport.get_write_buffer_size()
-
-    def _write_split(self, transport: asyncio.Transport, payloads: list[bytes]) -> None:
-        separator = self.separator
-        chunk: list[bytes] = []
-        chunk_size = 0
-        for payload in payloads:
-            if chunk and chunk_size + len(payload) > MAX_OUT_FRAME:
-                body = separator.join(chunk)
-                transport.write(frame_header(self.opcode, len(body)) + body)
-                chunk, chunk_size = [], 0
-            chunk.append(payload)
-            chunk_size += len(payload) + len(separator)
-        if chunk:
-            body = separator.join(chunk)
-            transport.write(frame_header(self.opcode, len(body)) + body)
+            return
+        self.metrics.bytes_out += size
+        transport.write(payloads[0] if len(payloads) == 1 else b"".join(payloads))
 
     def close(self, code: int, reason: str) -> None:
         protocol = self.protocol
