@@ -24,9 +24,14 @@ ensure_venv() {  # ensure_venv EXTRAS  (e.g. "" or "[test]")
     local want
     want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-        echo "installing the gateway and its Python packages into $VENV" >&2
-        "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-        "$VENV/bin/python" -m pip install --quiet -e "$ROOT$extras" >&2
+        echo "installing the gateway and its Python packages into $VENV (log: $VENV/install.log)" >&2
+        if ! { "$VENV/bin/python" -m pip install --upgrade pip \
+               && "$VENV/bin/python" -m pip install -e "$ROOT$extras"; } > "$VENV/install.log" 2>&1
+        then
+            tail -n 30 "$VENV/install.log" >&2
+            echo "installing Python packages failed; full log: $VENV/install.log" >&2
+            exit 1
+        fi
         echo "$want" > "$stamp"
     fi
 }
