@@ -571,3 +571,14 @@ async def test_garbage_on_the_socket_never_hurts_others(
         writer.close()
     await publish(gateway, "news", "still here")
     assert json.loads((await bystander.publication()).pub.data) == "still here"
+
+
+async def test_allowed_origins(make_gateway: GatewayFactory, clients: list[RawClient]) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    gateway = await make_gateway(server={"allowed_origins": ["https://app.example"]})
+    clients.append(await RawClient.open(gateway, origin="https://app.example"))
+    clients.append(await RawClient.open(gateway))  # no Origin: not a browser
+    with pytest.raises(InvalidStatus) as refused:
+        await RawClient.open(gateway, origin="https://evil.example")
+    assert refused.value.response.status_code == 403
