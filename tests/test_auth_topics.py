@@ -6,6 +6,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realtime.auth import AuthError, TokenVerifier, mint_token
 from realtime.config import AuthConfig
@@ -103,3 +105,48 @@ def test_asymmetric_algorithms(algorithm: str) -> None:
     forged = jwt.encode({"sub": "x", "exp": time.time() + 60}, "k" * 40, algorithm="HS256")
     with pytest.raises(AuthError):
         TokenVerifier(config).verify(forged)
+
+
+@pytest.mark.parametrize(
+    ("permission", "topic_filter", "expected"),
+    [
+        ("rooms/+", "rooms/1", True),
+        ("rooms/+", "rooms/+", True),
+        ("rooms/+", "rooms/#", False),
+        ("rooms/#", "rooms/+/x", True),
+        ("rooms/#", "rooms", True),
+        ("#", "#", True),
+        ("rooms/1", "rooms/+", False),
+        ("+/x", "a/x", True),
+        ("+/x", "a/y", False),
+        ("a/b", "a/b/c", False),
+    ],
+)
+def test_filter_covers(permission: str, topic_filter: str, expected: bool) -> None:
+    from realtime.core.topics import filter_covers
+
+    assert filter_covers(permission, topic_filter) is expected
+    assert FilterSet([permission]).covers(topic_filter) is expected
+
+
+levels = st.sampled_from(["a", "b", "c"])
+topics = st.lists(levels, min_size=1, max_size=4).map("/".join)
+filters = st.lists(st.sampled_from(["a", "b", "+"]), min_size=1, max_size=4).flatmap(
+    lambda parts: st.sampled_from(["/".join(parts), "/".join([*parts, "#"]), "#"])
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(filters, st.integers(0, 5)), max_size=12), topics)
+def test_filter_trie_matches_like_brute_force(entries: list[tuple[str, int]], channel: str) -> None:
+    from realtime.core.topics import FilterTrie
+
+    trie: FilterTrie[int, str] = FilterTrie()
+    for topic_filter, member in entries:
+        trie.add(topic_filter, member, topic_filter)
+    expected = {(f, m) for f, m in entries if filter_matches(f, channel)}
+    got = {(f, m) for found in trie.match(channel) for m, f in found.items()}
+    assert got == expected
+    for topic_filter, member in entries:
+        trie.remove(topic_filter, member)
+    assert trie.size == 0 and trie.match(channel) == [] and trie._root.empty()

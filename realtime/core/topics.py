@@ -7,6 +7,10 @@ later, MQTT subscriptions, so WebSocket apps and MQTT devices share one permissi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 MAX_CHANNEL_BYTES = 255
 
@@ -55,6 +59,21 @@ def filter_matches(topic_filter: str, channel: str) -> bool:
     return len(parts) == len(levels)
 
 
+def filter_covers(permission: str, topic_filter: str) -> bool:
+    """True when every channel `topic_filter` can match is matched by `permission`
+    (so a wildcard subscription is allowed only inside what the token grants)."""
+    granted = permission.split("/")
+    wanted = topic_filter.split("/")
+    for i, level in enumerate(granted):
+        if level == "#":
+            return True
+        if i >= len(wanted) or wanted[i] == "#":
+            return False
+        if level != "+" and level != wanted[i]:
+            return False  # a literal never covers "+" or another literal
+    return len(granted) == len(wanted)
+
+
 class FilterSet:
     """A set of filters with a fast path for exact names."""
 
@@ -69,5 +88,105 @@ class FilterSet:
             return True
         return any(filter_matches(f, channel) for f in self.wildcards)
 
+    def covers(self, topic_filter: str) -> bool:
+        if topic_filter in self.exact:
+            return True
+        return any(filter_covers(f, topic_filter) for f in self.wildcards)
+
     def __bool__(self) -> bool:
         return bool(self.exact or self.wildcards)
+
+
+class _Node(Generic[K, V]):
+    __slots__ = ("children", "members", "multi", "single")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[K, V]] = {}
+        self.single: _Node[K, V] | None = None  # the "+" child
+        self.multi: dict[K, V] = {}  # members of "<this level>/#"
+        self.members: dict[K, V] = {}  # members of a filter ending here
+
+    def empty(self) -> bool:
+        return not (self.children or self.single or self.multi or self.members)
+
+
+class FilterTrie(Generic[K, V]):
+    """Wildcard filters -> {member: value}, matched against a channel level by level, so the
+    cost of a publication does not grow with the number of filters."""
+
+    def __init__(self) -> None:
+        self._root: _Node[K, V] = _Node()
+        self.size = 0
+
+    def add(self, topic_filter: str, member: K, value: V) -> None:
+        node = self._root
+        levels = topic_filter.split("/")
+        for level in levels:
+            if level == "#":
+                if member not in node.multi:
+                    self.size += 1
+                node.multi[member] = value
+                return
+            if level == "+":
+                if node.single is None:
+                    node.single = _Node()
+                node = node.single
+            else:
+                node = node.children.setdefault(level, _Node())
+        if member not in node.members:
+            self.size += 1
+        node.members[member] = value
+
+    def remove(self, topic_filter: str, member: K) -> bool:
+        path: list[tuple[_Node[K, V], str]] = []
+        node: _Node[K, V] | None = self._root
+        for level in topic_filter.split("/"):
+            assert node is not None
+            if level == "#":
+                if node.multi.pop(member, None) is None:
+                    return False
+                path.append((node, ""))
+                break
+            path.append((node, level))
+            node = node.single if level == "+" else node.children.get(level)
+            if node is None:
+                return False
+        else:
+            assert node is not None
+            if node.members.pop(member, None) is None:
+                return False
+            path.append((node, ""))
+        self.size -= 1
+        # Prune empty nodes bottom-up.
+        for (parent, level), (child, _) in zip(
+            reversed(path[:-1]), reversed(path[1:]), strict=True
+        ):
+            if not child.empty():
+                break
+            if level == "+":
+                parent.single = None
+            else:
+                del parent.children[level]
+        return True
+
+    def match(self, channel: str) -> list[dict[K, V]]:
+        """The member dicts of every filter that matches `channel`."""
+        found: list[dict[K, V]] = []
+        levels = channel.split("/")
+        last = len(levels)
+
+        def walk(node: _Node[K, V], i: int) -> None:
+            if node.multi:  # "a/#" also matches "a" itself
+                found.append(node.multi)
+            if i == last:
+                if node.members:
+                    found.append(node.members)
+                return
+            child = node.children.get(levels[i])
+            if child is not None:
+                walk(child, i + 1)
+            if node.single is not None:
+                walk(node.single, i + 1)
+
+        walk(self._root, 0)
+        return found
