@@ -22,6 +22,7 @@ from realtime.core.broker import (
     PublishResult,
     StreamPosition,
 )
+from realtime.core.topics import FilterTrie, filter_matches
 
 _NO_POSITION = StreamPosition(0, "")
 
@@ -50,6 +51,8 @@ class MemoryBroker(Broker):
         self._handler: BrokerHandler | None = None
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
+        self._filters: FilterTrie[str, None] = FilterTrie()  # wildcard node subscriptions
+        self._retained: dict[str, Publication] = {}
         # (channel, key) -> (expires_at, result)
         self._idempotency: dict[tuple[str, str], tuple[float, PublishResult]] = {}
         # channel -> client -> (expires_at, entry)
@@ -83,6 +86,7 @@ class MemoryBroker(Broker):
         history: HistoryPolicy | None = None,
         idempotency_key: str = "",
         idempotency_ttl: float = 300.0,
+        meta: object = None,
     ) -> PublishResult:
         now = self._now()
         if idempotency_key:
@@ -92,23 +96,43 @@ class MemoryBroker(Broker):
         if history is not None and history.size > 0:
             stream = self._stream(channel, history, now)
             stream.top += 1
-            pub = Publication(stream.top, data, user, client, tags)
+            pub = Publication(stream.top, data, user, client, tags, meta)
             stream.entries.append((now + history.ttl, pub))
             result = PublishResult(StreamPosition(stream.top, stream.epoch))
         else:
-            pub = Publication(0, data, user, client, tags)
+            pub = Publication(0, data, user, client, tags, meta)
             result = PublishResult(_NO_POSITION)
         if idempotency_key:
             self._idempotency[(channel, idempotency_key)] = (now + idempotency_ttl, result)
-        if self._handler is not None and channel in self._subscribed:
+        if self._handler is not None and (
+            channel in self._subscribed or (self._filters.size and self._filters.match(channel))
+        ):
             self._handler.handle_publication(channel, pub)
         return result
 
     async def subscribe(self, channel: str) -> None:
-        self._subscribed.add(channel)
+        if "+" in channel or "#" in channel:
+            self._filters.add(channel, channel, None)
+        else:
+            self._subscribed.add(channel)
 
     async def unsubscribe(self, channel: str) -> None:
-        self._subscribed.discard(channel)
+        if "+" in channel or "#" in channel:
+            self._filters.remove(channel, channel)
+        else:
+            self._subscribed.discard(channel)
+
+    async def set_retained(self, channel: str, pub: Publication | None) -> None:
+        if pub is None or not pub.data:
+            self._retained.pop(channel, None)
+        else:
+            self._retained[channel] = pub
+
+    async def retained(self, topic_filter: str) -> list[tuple[str, Publication]]:
+        if "+" not in topic_filter and "#" not in topic_filter:
+            pub = self._retained.get(topic_filter)
+            return [(topic_filter, pub)] if pub is not None else []
+        return [(c, p) for c, p in self._retained.items() if filter_matches(topic_filter, c)]
 
     async def history(
         self,

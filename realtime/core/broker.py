@@ -30,7 +30,7 @@ class StreamPosition:
 class Publication:
     """One publication as it travels through the node. Immutable by convention."""
 
-    __slots__ = ("client", "data", "offset", "tags", "user")
+    __slots__ = ("client", "data", "meta", "offset", "tags", "user")
 
     def __init__(
         self,
@@ -39,12 +39,15 @@ class Publication:
         user: str = "",
         client: str = "",
         tags: dict[str, str] | None = None,
+        meta: object = None,
     ) -> None:
         self.offset = offset
         self.data = data
         self.user = user
         self.client = client
         self.tags = tags
+        # Transport details the hub carries untouched (MQTT: QoS, retain, v5 properties).
+        self.meta = meta
 
     def __repr__(self) -> str:
         return f"Publication(offset={self.offset}, {len(self.data)} bytes)"
@@ -122,11 +125,13 @@ class Broker(ABC):
         history: HistoryPolicy | None = None,
         idempotency_key: str = "",
         idempotency_ttl: float = 300.0,
+        meta: object = None,
     ) -> PublishResult: ...
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:
-        """Start receiving this channel's publications on this node."""
+        """Start receiving this channel's publications on this node (`channel` may be an
+        MQTT-style filter with `+` and `#`)."""
 
     @abstractmethod
     async def unsubscribe(self, channel: str) -> None:
@@ -163,6 +168,14 @@ class Broker(ABC):
 
     @abstractmethod
     async def presence_stats(self, channel: str) -> PresenceStats: ...
+
+    @abstractmethod
+    async def set_retained(self, channel: str, pub: Publication | None) -> None:
+        """Keep `pub` as the channel's retained message (None or empty data clears it)."""
+
+    @abstractmethod
+    async def retained(self, topic_filter: str) -> list[tuple[str, Publication]]:
+        """Retained messages of the channels `topic_filter` matches."""
 
     async def position(self, channel: str, policy: HistoryPolicy) -> StreamPosition:
         """The stream's current top (creating the stream so its epoch is stable)."""

@@ -8,6 +8,10 @@ encoding, framing, task, future or log line.
 A subscriber that is still recovering (its subscribe reply is being built from history) is
 *buffering*: publications for it are kept aside and merged, by offset, when the reply is
 ready, so nothing is lost or doubled while history and live traffic race.
+
+Filter subscribers (MQTT sessions: wildcards, a QoS and a packet id per delivery) live in a
+`FilterTrie`. Each gets a publication once, with every matching subscription's value, so
+overlapping filters deliver one copy (at the highest QoS, with all subscription ids).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from realtime.core.broker import Publication
+from realtime.core.topics import FilterTrie
 from realtime.core.writer import Outbound
 
 
@@ -36,6 +41,12 @@ class WireFormat(Protocol):
     ) -> bytes: ...
 
 
+class FilterSubscriber(Protocol):
+    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
+        """`matched`: the values of every subscription of this subscriber that matched."""
+        ...
+
+
 class Channel:
     __slots__ = ("buffering", "groups", "name", "size")
 
@@ -49,6 +60,7 @@ class Channel:
 class Hub:
     def __init__(self) -> None:
         self.channels: dict[str, Channel] = {}
+        self.filters: FilterTrie[FilterSubscriber, object] = FilterTrie()
         self.deliveries = 0  # messages handed to outbound queues, for metrics
         self.publications = 0
 
@@ -92,6 +104,8 @@ class Hub:
         return False
 
     def handle_publication(self, channel: str, pub: Publication) -> None:
+        if self.filters.size:
+            self._deliver_filtered(channel, pub)
         ch = self.channels.get(channel)
         if ch is None:
             return
@@ -106,6 +120,30 @@ class Hub:
         if ch.buffering:
             for pending in ch.buffering.values():
                 pending.append(pub)
+
+    def add_filter(self, topic_filter: str, member: FilterSubscriber, value: object) -> None:
+        self.filters.add(topic_filter, member, value)
+
+    def remove_filter(self, topic_filter: str, member: FilterSubscriber) -> bool:
+        return self.filters.remove(topic_filter, member)
+
+    def _deliver_filtered(self, channel: str, pub: Publication) -> None:
+        found = self.filters.match(channel)
+        if not found:
+            return
+        if len(found) == 1:
+            members = found[0]
+            for member, value in members.items():
+                member.deliver(channel, pub, [value])
+            self.deliveries += len(members)
+            return
+        merged: dict[FilterSubscriber, list[object]] = {}
+        for members in found:
+            for member, value in members.items():
+                merged.setdefault(member, []).append(value)
+        for member, values in merged.items():
+            member.deliver(channel, pub, values)
+        self.deliveries += len(merged)
 
     def subscriber_count(self, channel: str) -> int:
         ch = self.channels.get(channel)
