@@ -12,6 +12,7 @@ from realtime.core.broker import Broker
 from realtime.core.node import Node
 from realtime.log import event
 from realtime.transports.http import HttpServer
+from realtime.transports.mqtt import MqttListener
 from realtime.transports.websocket import WEBSOCKET_PATH, WebSocketServer
 
 log = logging.getLogger("realtime.app")
@@ -31,6 +32,7 @@ class Gateway:
         self.websocket = WebSocketServer(self.node)
         self.api = ServerApi(self.node)
         self.http = HttpServer(self.api.handle, max_body=config.api.max_body_bytes)
+        self.mqtt = MqttListener(self.node) if config.mqtt.enabled else None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -39,11 +41,14 @@ class Gateway:
         server = self.config.server
         await self.websocket.start(server.host, server.port)
         await self.http.start(self.config.api.host, self.config.api.port)
+        if self.mqtt is not None:
+            await self.mqtt.start(self.config.mqtt.host, self.config.mqtt.port)
         event(
             log,
             "gateway_started",
             node=self.node.name,
             websocket=f"ws://{server.host}:{self.websocket.port}{WEBSOCKET_PATH}",
+            mqtt=f"mqtt://{self.config.mqtt.host}:{self.mqtt.port}" if self.mqtt else "off",
             api=f"http://{self.config.api.host}:{self.http.port}",
             broker=self.node.broker.name,
             config=self.config.source,
@@ -59,7 +64,11 @@ class Gateway:
         open_connections = len(self.websocket.connections)
         event(log, "gateway_draining", connections=open_connections, timeout=timeout)
         self.websocket.stop_accepting()
+        if self.mqtt is not None:
+            self.mqtt.stop_accepting()
         self.node.begin_drain()
+        if self.mqtt is not None:
+            await self.mqtt.drain(timeout)
         aborted = await self.websocket.drain(timeout)
         await self.http.stop()
         await self.node.stop()

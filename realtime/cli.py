@@ -38,6 +38,9 @@ def _banner(config: Config, gateway: object, created_secrets: bool) -> str:
         + ("  (one node alone; no Redis needed)" if gateway.node.broker.name == "memory" else ""),
         f"  websocket  ws://{shown}:{gateway.websocket.port}{WEBSOCKET_PATH}"
         f"  (subprotocols realtime.v1.proto, realtime.v1.json; listening on {host})",
+        f"  mqtt       mqtt://{shown}:{gateway.mqtt.port}  (3.1.1 and 5.0; token as password)"
+        if gateway.mqtt is not None
+        else "  mqtt       off  ([mqtt] enabled = true to let devices in)",
         f"  server API http://{config.api.host}:{gateway.http.port}/api/v1/"
         "  (header 'Authorization: apikey <key>'; /metrics /healthz /readyz)",
     ]

@@ -98,6 +98,29 @@ class LimitsConfig:
 
 
 @dataclass
+class MqttConfig:
+    # MQTT 3.1.1 and 5.0 devices in the same hub (preview: persistent sessions, shared
+    # subscriptions, TLS and MQTT over WebSocket are not there yet).
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = 1883
+    # Devices without a token (CONNECT without password) get only what namespaces grant
+    # to "authenticated" clients.
+    allow_anonymous: bool = False
+    max_packet_size: int = 1_048_576
+    # Cap on the keep-alive a device may ask for (0: any); sent as server keep-alive (5.0).
+    max_keep_alive: int = 0
+    # QoS 1/2 messages a device may have unacknowledged towards us (5.0 receive maximum),
+    # and that we keep unacknowledged towards it; more wait in a queue of this many.
+    receive_maximum: int = 100
+    max_queued_messages: int = 1000
+    topic_alias_maximum: int = 32
+    max_subscriptions: int = 256
+    publishes_per_second: float = 100.0
+    publish_burst: int = 200
+
+
+@dataclass
 class BrokerConfig:
     # "memory": one node alone, nothing to run beside it.
     type: str = "memory"
@@ -133,6 +156,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Channel "chat/room1" uses namespace "chat" when one is configured, else "default".
@@ -303,6 +327,20 @@ def validate(config: Config) -> None:
     need(limits.user_publish_burst >= 1, "limits.user_publish_burst", "must be >= 1")
     need(limits.flood_close_after >= 1, "limits.flood_close_after", "must be >= 1")
     need(config.broker.type == "memory", "broker.type", "only 'memory' is available")
+    mqtt = config.mqtt
+    need(0 <= mqtt.port <= 65535, "mqtt.port", f"{mqtt.port} is not a TCP port")
+    need(
+        64 <= mqtt.max_packet_size <= 268_435_460,
+        "mqtt.max_packet_size",
+        "must be between 64 and 268435460",
+    )
+    need(0 <= mqtt.max_keep_alive <= 65535, "mqtt.max_keep_alive", "must be 0..65535")
+    need(1 <= mqtt.receive_maximum <= 65535, "mqtt.receive_maximum", "must be 1..65535")
+    need(mqtt.max_queued_messages >= 0, "mqtt.max_queued_messages", "must be >= 0")
+    need(0 <= mqtt.topic_alias_maximum <= 65535, "mqtt.topic_alias_maximum", "must be 0..65535")
+    need(mqtt.max_subscriptions >= 1, "mqtt.max_subscriptions", "must be >= 1")
+    need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
+    need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
     need(
         config.log.level in ("debug", "info", "warning", "error"),
         "log.level",

@@ -14,7 +14,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from realtime import __version__
 from realtime.auth import Principal, TokenVerifier
@@ -100,6 +100,9 @@ class Node:
         self._ping_next = 0
         self._pings: dict[WireFormat, bytes] = {}  # one shared ping frame per wire format
         self._housekeeper: asyncio.Task[None] | None = None
+        # Other protocols' once-a-second work (MQTT keep-alive).
+        self.tickers: list[Callable[[float], None]] = []
+        self._filter_refs: dict[str, int] = {}
         self.wall_time = time.time
         self._register_gauges()
 
@@ -197,6 +200,23 @@ class Node:
     def _may_subscribe(self, principal: Principal, ns: Namespace, channel: str) -> bool:
         return ns.config.subscribe == "authenticated" or principal.subscribe.matches(channel)
 
+    def may_subscribe(self, principal: Principal, channel: str) -> bool:
+        return self._may_subscribe(principal, self.namespace(channel), channel)
+
+    def may_subscribe_filter(self, principal: Principal, topic_filter: str) -> bool:
+        """A wildcard filter is allowed when the token covers all it can match, or when it
+        stays inside one namespace open to every authenticated client."""
+        if principal.subscribe.covers(topic_filter):
+            return True
+        first, sep, _ = topic_filter.partition("/")
+        if not sep or first in ("+", "#"):
+            return False
+        ns = self.namespaces.get(first)
+        return ns is not None and ns.config.subscribe == "authenticated"
+
+    def may_publish(self, principal: Principal, channel: str) -> bool:
+        return self._may_publish(principal, self.namespace(channel), channel)
+
     def _may_publish(self, principal: Principal, ns: Namespace, channel: str) -> bool:
         policy = ns.config.publish
         if policy == "none":
@@ -258,6 +278,22 @@ class Node:
         backlog = [pub for pub in buffered if pub.offset > top.offset]
         return result, backlog
 
+    async def subscribe_filter(self, topic_filter: str) -> None:
+        """Count a filter subscription on this node; the first one subscribes the broker."""
+        count = self._filter_refs.get(topic_filter, 0)
+        self._filter_refs[topic_filter] = count + 1
+        if count == 0:
+            await self.broker.subscribe(topic_filter)
+
+    async def unsubscribe_filter(self, topic_filter: str) -> None:
+        count = self._filter_refs.get(topic_filter, 0) - 1
+        if count > 0:
+            self._filter_refs[topic_filter] = count
+            return
+        self._filter_refs.pop(topic_filter, None)
+        if count == 0:
+            await self.broker.unsubscribe(topic_filter)
+
     async def unsubscribe(self, session: Session, channel: str) -> None:
         if channel not in session.channels:
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
@@ -277,6 +313,7 @@ class Node:
         tags: dict[str, str] | None = None,
         idempotency_key: str = "",
         source: str = "api",
+        meta: object = None,
     ) -> PublishResult:
         self.check_channel(channel)
         ns = self.namespace(channel)
@@ -291,6 +328,7 @@ class Node:
             history=ns.history,
             idempotency_key=idempotency_key,
             idempotency_ttl=ns.config.idempotency_window,
+            meta=meta,
         )
         if not result.duplicate:
             self.metrics.publishes[source] += 1
@@ -425,6 +463,8 @@ class Node:
             # so that reconnect churn cannot pin them in memory.
             self._expiry = [item for item in expiry if item[2].state == CONNECTED]
             heapq.heapify(self._expiry)
+        for ticker in self.tickers:
+            ticker(now)
         if len(self.user_buckets) > len(self.users):
             idle = [u for u, b in self.user_buckets.items() if u not in self.users and b.full(now)]
             for user in idle:
