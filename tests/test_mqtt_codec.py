@@ -350,7 +350,7 @@ def test_connack_round_trip(version: int, data: st.DataObject, cuts: list[int]) 
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@settings(max_examples=40)
+@settings(max_examples=25)
 @given(data=st.data(), cuts=cut_points)
 def test_session_streams_split_anywhere(version: int, data: st.DataObject, cuts: list[int]) -> None:
     """A whole conversation in each direction, as one byte stream cut at random points."""

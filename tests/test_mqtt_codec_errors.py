@@ -540,7 +540,7 @@ def _mutated(data: st.DataObject, wire: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("server", [True, False], ids=["to-server", "to-client"])
-@settings(max_examples=150)
+@settings(max_examples=100)
 @given(data=st.data())
 def test_fuzz_mutated_packets(version: int, server: bool, data: st.DataObject) -> None:
     strategies = list(packet_strategies(version, server).values())
