@@ -99,8 +99,8 @@ class LimitsConfig:
 
 @dataclass
 class MqttConfig:
-    # MQTT 3.1.1 and 5.0 devices in the same hub (preview: persistent sessions, shared
-    # subscriptions, TLS and MQTT over WebSocket are not there yet).
+    # MQTT 3.1.1 and 5.0 devices in the same hub (preview: shared subscriptions, TLS and
+    # MQTT over WebSocket are not there yet).
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = 1883
@@ -114,6 +114,10 @@ class MqttConfig:
     # and that we keep unacknowledged towards it; more wait in a queue of this many.
     receive_maximum: int = 100
     max_queued_messages: int = 1000
+    max_queued_bytes: int = 1_048_576
+    # Persistent sessions (3.1.1 clean_session=false, 5.0 session expiry) are kept at most
+    # this many seconds after the device went away.
+    max_session_expiry: int = 86_400
     topic_alias_maximum: int = 32
     max_subscriptions: int = 256
     publishes_per_second: float = 100.0
@@ -337,6 +341,8 @@ def validate(config: Config) -> None:
     need(0 <= mqtt.max_keep_alive <= 65535, "mqtt.max_keep_alive", "must be 0..65535")
     need(1 <= mqtt.receive_maximum <= 65535, "mqtt.receive_maximum", "must be 1..65535")
     need(mqtt.max_queued_messages >= 0, "mqtt.max_queued_messages", "must be >= 0")
+    need(mqtt.max_queued_bytes >= 0, "mqtt.max_queued_bytes", "must be >= 0")
+    need(mqtt.max_session_expiry >= 0, "mqtt.max_session_expiry", "must be >= 0")
     need(0 <= mqtt.topic_alias_maximum <= 65535, "mqtt.topic_alias_maximum", "must be 0..65535")
     need(mqtt.max_subscriptions >= 1, "mqtt.max_subscriptions", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")

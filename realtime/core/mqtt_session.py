@@ -5,6 +5,14 @@ hub (`+` and `#` allowed), so it receives WebSocket, server-API and MQTT publica
 its publications go through `Node.publish` like everyone else's, with history and positions
 where the namespace keeps them.
 
+Two objects per device:
+
+- `SessionState` is the MQTT session: subscriptions (it is the hub member), messages in
+  flight, the queue. It outlives the connection when the session is persistent (3.1.1
+  clean_session=false, 5.0 session expiry), queueing QoS 1/2 publications (bounded in count
+  and bytes) until the device returns or the session expires.
+- `MqttConnection` is one network connection speaking for it: CONNECT, auth, packets.
+
 Protocol rules kept here (the codec in `realtime.mqtt` checks the bytes):
 
 - the JWT is the CONNECT password; a second CONNECT with the same client id takes the
@@ -12,13 +20,13 @@ Protocol rules kept here (the codec in `realtime.mqtt` checks the bytes):
 - ACLs on subscribe (the token must cover the whole filter), on publish, on the will, and
   on every retained message delivered;
 - QoS 0/1/2 both ways, delivered at min(publication QoS, granted QoS); publications from
-  WebSocket or the server API count as QoS 1;
-- last will on every abnormal end (keep-alive expiry included), after the 5.0 will delay;
-- keep-alive enforced at 1.5x.
+  WebSocket or the server API count as QoS 1; unacknowledged messages are re-sent with DUP
+  when a persistent session resumes;
+- last will on every abnormal end (keep-alive expiry included), after the 5.0 will delay
+  or at the end of the session, whichever comes first; not if the device came back;
+- keep-alive enforced at 1.5x; 5.0 message expiry on queued messages.
 
-Not yet (issue #3 continues): persistent sessions and offline queues (clean_start=false is
-served as a new session each time, session_present=0), shared subscriptions (refused with
-0x9E), outbound topic aliases, message expiry, TLS and MQTT over WebSocket.
+Not yet: shared subscriptions (refused with 0x9E), outbound topic aliases.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ log = logging.getLogger("realtime.mqtt")
 
 # Publications from WebSocket clients and the server API reach devices at this QoS at most.
 NON_MQTT_QOS = 1
+NEVER_EXPIRES = 0xFFFFFFFF
 
 
 class MqttMeta:
@@ -91,8 +100,27 @@ class SubscriptionValue:
         self.identifier = identifier
 
 
-class MqttTransport(Sink, Protocol):
-    def close(self) -> None: ...
+class Message:
+    """A QoS 1/2 delivery in flight or queued for a device."""
+
+    __slots__ = ("channel", "data", "expires_at", "props", "qos", "released", "retain")
+
+    def __init__(
+        self,
+        channel: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        props: Properties | None,
+        expires_at: float,
+    ) -> None:
+        self.channel = channel
+        self.data = data
+        self.qos = qos
+        self.retain = retain
+        self.props = props
+        self.expires_at = expires_at  # 0: never (5.0 message expiry)
+        self.released = False  # QoS 2: PUBREC received, PUBREL sent
 
 
 _FORWARDED = (
@@ -117,32 +145,193 @@ def _forwarded_properties(meta: object, identifiers: list[int]) -> Properties | 
     return props
 
 
-class MqttSession:
+class SessionState:
+    """One device's MQTT session; the hub delivers to it whether or not it is connected."""
+
     __slots__ = (
-        "_acks",
-        "bucket",
+        "awaiting_release",
         "client_id",
+        "connection",
+        "expires_at",
+        "expiry",
+        "inflight",
+        "next_packet_id",
+        "pending",
+        "pending_bytes",
+        "principal",
+        "server",
+        "subscriptions",
+        "will",
+        "will_timer",
+    )
+
+    def __init__(self, server: MqttServer, client_id: str, principal: Principal) -> None:
+        self.server = server
+        self.client_id = client_id
+        self.principal = principal
+        self.connection: MqttConnection | None = None
+        self.subscriptions: dict[str, SubscriptionValue] = {}
+        self.inflight: dict[int, Message] = {}  # by outbound packet id
+        self.awaiting_release: set[int] = set()  # inbound QoS 2 ids before their PUBREL
+        self.pending: deque[Message] = deque()
+        self.pending_bytes = 0
+        self.next_packet_id = 1
+        self.expiry = 0  # seconds the session outlives its connection
+        self.expires_at = 0.0
+        self.will: Will | None = None  # a will waiting for its delay
+        self.will_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ hub member
+
+    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
+        """From the hub: one publication, with every subscription of ours it matched."""
+        meta = pub.meta
+        source_qos = meta.qos if isinstance(meta, MqttMeta) else NON_MQTT_QOS
+        granted = -1
+        identifiers: list[int] = []
+        retain = False
+        own = pub.client == self.client_id
+        for value in matched:
+            assert isinstance(value, SubscriptionValue)
+            options = value.options
+            if own and options.no_local:
+                continue
+            granted = max(granted, options.qos)
+            if value.identifier:
+                identifiers.append(value.identifier)
+            if options.retain_as_published and isinstance(meta, MqttMeta) and meta.retain:
+                retain = True
+        if granted >= 0:
+            self.send(channel, pub, min(granted, source_qos), retain, identifiers)
+
+    def send(
+        self, channel: str, pub: Publication, qos: int, retain: bool, identifiers: list[int]
+    ) -> None:
+        connection = self.connection
+        v5 = connection is None or connection.version == MQTT_5
+        props = _forwarded_properties(pub.meta, identifiers) if v5 else None
+        if qos == 0:
+            if connection is not None:
+                connection.write_publish(channel, pub.data, 0, retain, 0, props)
+            return  # QoS 0 is not queued for an absent device
+        expires_at = 0.0
+        if props is not None and props.message_expiry_interval:
+            expires_at = self.server.node.loop.time() + props.message_expiry_interval
+        message = Message(channel, pub.data, qos, retain, props, expires_at)
+        if connection is not None and len(self.inflight) < connection.receive_maximum:
+            self._transmit(connection, message)
+        else:
+            self._enqueue(message)
+
+    def _enqueue(self, message: Message) -> None:
+        config = self.server.node.config.mqtt
+        size = len(message.data)
+        if (
+            len(self.pending) >= config.max_queued_messages
+            or self.pending_bytes + size > config.max_queued_bytes
+        ):
+            self.server.node.metrics.errors[int(ReasonCode.QUOTA_EXCEEDED)] += 1
+            return  # dropped: the device is away or not acknowledging (counted)
+        self.pending.append(message)
+        self.pending_bytes += size
+
+    def _transmit(self, connection: MqttConnection, message: Message, dup: bool = False) -> None:
+        packet_id = self._packet_id()
+        self.inflight[packet_id] = message
+        connection.write_message(message, packet_id, dup)
+
+    def _packet_id(self) -> int:
+        packet_id = self.next_packet_id
+        while packet_id in self.inflight:
+            packet_id = packet_id % 65535 + 1
+        self.next_packet_id = packet_id % 65535 + 1
+        return packet_id
+
+    def acknowledged(self, packet_id: int) -> None:
+        if self.inflight.pop(packet_id, None) is not None:
+            self.drain()
+
+    def drain(self) -> None:
+        """Send queued messages while the device's receive maximum allows."""
+        connection = self.connection
+        if connection is None:
+            return
+        now = self.server.node.loop.time()
+        while self.pending and len(self.inflight) < connection.receive_maximum:
+            message = self.pending.popleft()
+            self.pending_bytes -= len(message.data)
+            if message.expires_at:
+                remaining = int(message.expires_at - now)
+                if remaining <= 0:
+                    continue  # 5.0 message expiry: never deliver it late
+                if message.props is not None:
+                    message.props.message_expiry_interval = remaining
+            self._transmit(connection, message)
+
+    def resume(self, connection: MqttConnection) -> None:
+        """A connection took this session (new or resumed): re-send what is unacknowledged."""
+        self.connection = connection
+        if self.will_timer is not None:
+            self.will_timer.cancel()
+            self.will_timer = None
+        self.will = None
+        for packet_id, message in self.inflight.items():
+            if message.released:
+                connection.send_packet(PubRel(packet_id))
+            else:
+                connection.write_message(message, packet_id, dup=True)
+        self.drain()
+
+    def detach(self, will: Will | None) -> None:
+        """The connection ended: keep the session for its expiry, or end it now."""
+        self.connection = None
+        loop = self.server.node.loop
+        if self.expiry:
+            self.expires_at = loop.time() + self.expiry if self.expiry != NEVER_EXPIRES else 0
+        delay = will.properties.will_delay_interval if will and will.properties else None
+        if will is not None:
+            wait = min(delay or 0, self.expiry)
+            if wait:
+                self.will = will
+                self.will_timer = loop.call_later(wait, self._will_due)
+            else:
+                self.server.publish_will(self, will)
+        if not self.expiry:
+            self.server.end(self)
+
+    def _will_due(self) -> None:
+        self.will_timer = None
+        will, self.will = self.will, None
+        if will is not None:
+            self.server.publish_will(self, will)
+
+
+class MqttTransport(Sink, Protocol):
+    def close(self) -> None: ...
+
+
+class MqttConnection:
+    """One network connection of a device: decoder, CONNECT, packets, keep-alive."""
+
+    __slots__ = (
+        "bucket",
         "closed",
         "connected",
         "decoder",
         "failure",
         "inbound_aliases",
-        "inflight",
         "keep_alive",
         "last_rx",
         "max_outgoing_packet",
-        "next_packet_id",
         "node",
         "outbound",
-        "pending",
         "principal",
         "queue",
         "receive_maximum",
         "remote",
         "runner",
         "server",
-        "session_expiry",
-        "subscriptions",
+        "state",
         "transport",
         "version",
         "will",
@@ -160,28 +349,25 @@ class MqttSession:
             transport, node.flusher, node.config.limits.max_queue_bytes, self._on_overflow
         )
         self.version = 4
-        self.client_id = ""
+        self.state: SessionState | None = None
         self.principal: Principal | None = None
         self.connected = False
         self.closed = False
         self.keep_alive = 0
         self.will: Will | None = None  # cleared by a normal DISCONNECT
-        self.session_expiry = 0
         self.last_rx = node.loop.time()
-        self.subscriptions: dict[str, SubscriptionValue] = {}
         self.inbound_aliases: dict[int, str] = {}
-        self.inflight: dict[int, int] = {}  # outbound packet id -> QoS (2: until PUBCOMP)
-        self._acks: set[int] = set()  # inbound QoS 2 ids awaiting PUBREL
-        # QoS 1/2 deliveries waiting for the device's receive maximum.
-        self.pending: deque[tuple[str, Publication, int, Properties | None]] = deque()
-        self.next_packet_id = 1
-        self.receive_maximum = config.receive_maximum
+        self.receive_maximum = 65535  # the device's (5.0), for our QoS 1/2 sends
         self.max_outgoing_packet = 268_435_460
         self.bucket = TokenBucket(config.publishes_per_second, config.publish_burst, self.last_rx)
         self.queue: list[Packet] = []
         self.runner: asyncio.Task[None] | None = None
         # A decoding error, acted on after the packets that came before it.
         self.failure: MqttError | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.state.client_id if self.state is not None else ""
 
     # ------------------------------------------------------------------ input
 
@@ -218,40 +404,54 @@ class MqttSession:
             self.runner = None
 
     async def _handle(self, packet: Packet) -> None:
+        state = self.state
         if isinstance(packet, Publish):
             await self._publish(packet)
         elif isinstance(packet, PubAck | PubComp):
-            self._acked(packet.packet_id)
+            if state is not None:
+                state.acknowledged(packet.packet_id)
         elif isinstance(packet, PubRec):
-            if self.inflight.get(packet.packet_id) == 2 and packet.reason_code < 0x80:
-                self._send(PubRel(packet.packet_id))
-            else:
-                self._acked(packet.packet_id)
+            message = state.inflight.get(packet.packet_id) if state is not None else None
+            if message is not None and message.qos == 2 and packet.reason_code < 0x80:
+                message.released = True
+                self.send_packet(PubRel(packet.packet_id))
+            elif state is not None:
+                state.acknowledged(packet.packet_id)
         elif isinstance(packet, PubRel):
-            self._acks.discard(packet.packet_id)
-            self._send(PubComp(packet.packet_id))
+            if state is not None:
+                state.awaiting_release.discard(packet.packet_id)
+            self.send_packet(PubComp(packet.packet_id))
         elif isinstance(packet, Subscribe):
             await self._subscribe(packet)
         elif isinstance(packet, Unsubscribe):
             await self._unsubscribe(packet)
         elif isinstance(packet, PingReq):
-            self._send(PingResp())
+            self.send_packet(PingResp())
         elif isinstance(packet, Connect):
             await self._connect(packet)
         elif isinstance(packet, Disconnect):
             if packet.reason_code != ReasonCode.DISCONNECT_WITH_WILL_MESSAGE:
                 self.will = None
+            expiry = packet.properties.session_expiry_interval if packet.properties else None
+            if state is not None and expiry is not None:
+                if state.expiry == 0 and expiry:
+                    raise MqttError(ReasonCode.PROTOCOL_ERROR, "session expiry set after 0")
+                state.expiry = self._capped_expiry(expiry)
             self.close()
         else:  # AUTH: no enhanced authentication methods are offered
             raise MqttError(ReasonCode.PROTOCOL_ERROR, "AUTH without an authentication method")
 
     # ------------------------------------------------------------------ connect
 
+    def _capped_expiry(self, wanted: int) -> int:
+        cap = self.node.config.mqtt.max_session_expiry
+        return min(wanted, cap) if wanted != NEVER_EXPIRES or not cap else cap
+
     async def _connect(self, packet: Connect) -> None:
-        node, config = self.node, self.node.config.mqtt
+        config = self.node.config.mqtt
         self.version = self.decoder.version or 4
         v5 = self.version == MQTT_5
-        principal = await self._authenticate(packet)
+        principal = self._authenticate(packet)
         if principal is None:
             return
         client_id = packet.client_id
@@ -263,23 +463,27 @@ class MqttSession:
                 )
                 return
             client_id = assigned = "auto-" + secrets.token_urlsafe(12)
-        self.client_id = client_id
         self.principal = principal
         self.keep_alive = packet.keep_alive
         server_keep_alive = None
-        if config.max_keep_alive and (
-            not self.keep_alive or self.keep_alive > config.max_keep_alive
-        ):
-            self.keep_alive = server_keep_alive = config.max_keep_alive
+        cap = config.max_keep_alive
+        if cap and (not self.keep_alive or self.keep_alive > cap):
+            self.keep_alive = server_keep_alive = cap
         self.will = packet.will
         props = packet.properties
+        if v5:
+            expiry = props.session_expiry_interval or 0 if props is not None else 0
+        else:
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
         if props is not None:
             if props.receive_maximum:
-                self.receive_maximum = min(self.receive_maximum, props.receive_maximum)
+                self.receive_maximum = props.receive_maximum
             if props.maximum_packet_size:
                 self.max_outgoing_packet = props.maximum_packet_size
-            self.session_expiry = props.session_expiry_interval or 0
-        self.server.register(self)  # takes over an existing session of this client id
+        # Only now, authenticated, may this connection touch an existing session.
+        state, present = await self.server.take(client_id, principal, packet.clean_start, self)
+        state.expiry = self._capped_expiry(expiry)
+        self.state = state
         self.connected = True
         ack_props = None
         if v5:
@@ -296,8 +500,11 @@ class MqttSession:
                 ack_props.assigned_client_identifier = assigned
             if server_keep_alive is not None:
                 ack_props.server_keep_alive = server_keep_alive
-        self._send(ConnAck(session_present=False, reason_code=0, properties=ack_props))
-        node.metrics.connections_accepted += 1
+            if state.expiry != expiry:
+                ack_props.session_expiry_interval = state.expiry
+        self.send_packet(ConnAck(session_present=present, reason_code=0, properties=ack_props))
+        state.resume(self)
+        self.node.metrics.connections_accepted += 1
         event(
             log,
             "mqtt_connected",
@@ -305,10 +512,11 @@ class MqttSession:
             client_id=client_id,
             user=principal.user,
             version=self.version,
+            resumed=present,
             remote=self.remote,
         )
 
-    async def _authenticate(self, packet: Connect) -> Principal | None:
+    def _authenticate(self, packet: Connect) -> Principal | None:
         node = self.node
         if packet.password:
             try:
@@ -331,9 +539,9 @@ class MqttSession:
         }
         if self.version == MQTT_5:
             props = Properties(reason_string=reason[:100])
-            self._send(ConnAck(reason_code=v5_codes[code], properties=props))
+            self.send_packet(ConnAck(reason_code=v5_codes[code], properties=props))
         else:
-            self._send(ConnAck(reason_code=code))
+            self.send_packet(ConnAck(reason_code=code))
         event(log, "mqtt_refused", logging.INFO, remote=self.remote, reason=reason)
         self.will = None
         self.close()
@@ -341,9 +549,10 @@ class MqttSession:
     # ------------------------------------------------------------------ publish in
 
     async def _publish(self, packet: Publish) -> None:
+        state = self.state
+        assert state is not None
         topic = packet.topic
         props = packet.properties
-        v5 = self.version == MQTT_5
         if props is not None and props.topic_alias is not None:
             alias = props.topic_alias
             if not 0 < alias <= self.node.config.mqtt.topic_alias_maximum:
@@ -357,18 +566,19 @@ class MqttSession:
                 topic = known
             props.topic_alias = None
         qos = packet.qos
-        if qos == 2 and packet.packet_id in self._acks:
-            self._send(PubRec(packet.packet_id))  # a re-sent QoS 2 PUBLISH: already taken
+        v5 = self.version == MQTT_5
+        if qos == 2 and packet.packet_id in state.awaiting_release:
+            self.send_packet(PubRec(packet.packet_id))  # a re-sent QoS 2 PUBLISH: already taken
             return
-        if qos and len(self._acks) + (qos == 1) > self.node.config.mqtt.receive_maximum:
+        if qos == 2 and len(state.awaiting_release) >= self.node.config.mqtt.receive_maximum:
             raise MqttError(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED, "too many unacknowledged")
         code = await self._accept_publication(topic, packet, props)
         if qos == 1:
-            self._send(PubAck(packet.packet_id, code if v5 else 0))
+            self.send_packet(PubAck(packet.packet_id, code if v5 else 0))
         elif qos == 2:
             if code < 0x80:
-                self._acks.add(packet.packet_id)
-            self._send(PubRec(packet.packet_id, code if v5 else 0))
+                state.awaiting_release.add(packet.packet_id)
+            self.send_packet(PubRec(packet.packet_id, code if v5 else 0))
 
     async def _accept_publication(
         self, topic: str, packet: Publish, props: Properties | None
@@ -388,19 +598,13 @@ class MqttSession:
             except UnicodeDecodeError:
                 return ReasonCode.PAYLOAD_FORMAT_INVALID
         meta = MqttMeta(packet.qos, packet.retain, props)
+        user = self.principal.user
         try:
             await node.publish(
-                topic,
-                packet.payload,
-                user=self.principal.user,
-                client=self.client_id,
-                source="mqtt",
-                meta=meta,
+                topic, packet.payload, user=user, client=self.client_id, source="mqtt", meta=meta
             )
             if packet.retain:
-                pub = Publication(
-                    0, packet.payload, self.principal.user, self.client_id, None, meta
-                )
+                pub = Publication(0, packet.payload, user, self.client_id, None, meta)
                 await node.broker.set_retained(topic, pub)
         except BrokerUnavailable:
             return ReasonCode.SERVER_UNAVAILABLE
@@ -410,7 +614,8 @@ class MqttSession:
 
     async def _subscribe(self, packet: Subscribe) -> None:
         node, config = self.node, self.node.config.mqtt
-        assert self.principal is not None
+        state, principal = self.state, self.principal
+        assert state is not None and principal is not None
         v5 = self.version == MQTT_5
         identifiers = packet.properties.subscription_identifiers if packet.properties else []
         identifier = identifiers[0] if identifiers else None
@@ -420,128 +625,82 @@ class MqttSession:
             if v5 and split_shared(topic_filter) is not None:
                 codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
                 continue
-            if not node.may_subscribe_filter(self.principal, topic_filter):
+            if not node.may_subscribe_filter(principal, topic_filter):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
-            existed = topic_filter in self.subscriptions
-            if not existed and len(self.subscriptions) >= config.max_subscriptions:
+            existed = topic_filter in state.subscriptions
+            if not existed and len(state.subscriptions) >= config.max_subscriptions:
                 codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
                 continue
             value = SubscriptionValue(options, identifier)
-            self.subscriptions[topic_filter] = value
-            node.hub.add_filter(topic_filter, self, value)
+            state.subscriptions[topic_filter] = value
+            node.hub.add_filter(topic_filter, state, value)
             if not existed:
                 await node.subscribe_filter(topic_filter)
             codes.append(options.qos)
             if options.retain_handling == 0 or (options.retain_handling == 1 and not existed):
                 retained_for.append((topic_filter, value))
-        self._send(SubAck(packet.packet_id, codes))
+        self.send_packet(SubAck(packet.packet_id, codes))
         for topic_filter, value in retained_for:
+            ids = [value.identifier] if value.identifier else []
             for channel, pub in await node.broker.retained(topic_filter):
                 # ACLs apply to retained messages too, topic by topic.
-                if self.principal is not None and node.may_subscribe(self.principal, channel):
-                    self._deliver(
-                        channel,
-                        pub,
-                        value.options.qos,
-                        retain=True,
-                        identifiers=[value.identifier] if value.identifier else [],
-                    )
+                if node.may_subscribe(principal, channel):
+                    meta = pub.meta
+                    qos = meta.qos if isinstance(meta, MqttMeta) else NON_MQTT_QOS
+                    state.send(channel, pub, min(qos, value.options.qos), True, ids)
 
     async def _unsubscribe(self, packet: Unsubscribe) -> None:
+        state = self.state
+        assert state is not None
         codes: list[int] = []
         for topic_filter in packet.topic_filters:
-            if self.subscriptions.pop(topic_filter, None) is None:
+            if state.subscriptions.pop(topic_filter, None) is None:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
-            self.node.hub.remove_filter(topic_filter, self)
+            self.node.hub.remove_filter(topic_filter, state)
             await self.node.unsubscribe_filter(topic_filter)
             codes.append(ReasonCode.SUCCESS)
-        self._send(UnsubAck(packet.packet_id, codes if self.version == MQTT_5 else []))
+        self.send_packet(UnsubAck(packet.packet_id, codes if self.version == MQTT_5 else []))
 
-    # ------------------------------------------------------------------ delivery out
+    # ------------------------------------------------------------------ output
 
-    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
-        """From the hub: one publication, with every subscription of ours it matched."""
-        if not self.connected:
-            return
-        meta = pub.meta
-        source_qos = meta.qos if isinstance(meta, MqttMeta) else NON_MQTT_QOS
-        granted = -1
-        identifiers: list[int] = []
-        retain = False
-        own = pub.client == self.client_id
-        for value in matched:
-            assert isinstance(value, SubscriptionValue)
-            options = value.options
-            if own and options.no_local:
-                continue
-            granted = max(granted, options.qos)
-            if value.identifier:
-                identifiers.append(value.identifier)
-            if options.retain_as_published and isinstance(meta, MqttMeta) and meta.retain:
-                retain = True
-        if granted < 0:
-            return
-        self._deliver(channel, pub, min(granted, source_qos), retain, identifiers)
-
-    def _deliver(
-        self, channel: str, pub: Publication, qos: int, retain: bool, identifiers: list[int]
-    ) -> None:
-        props = _forwarded_properties(pub.meta, identifiers) if self.version == MQTT_5 else None
-        if qos == 0:
-            packet = encode_publish(channel, pub.data, 0, retain, False, 0, self.version, props)
-            if len(packet) <= self.max_outgoing_packet:
-                self.outbound.push(packet)
-            return
-        if len(self.inflight) >= self.receive_maximum:
-            if len(self.pending) >= self.node.config.mqtt.max_queued_messages:
-                self.node.metrics.errors[int(ReasonCode.QUOTA_EXCEEDED)] += 1
-                return  # dropped: the device is not acknowledging (counted)
-            self.pending.append((channel, pub, qos, props))
-            return
-        self._send_qos(channel, pub.data, qos, retain, props)
-
-    def _send_qos(
-        self, channel: str, data: bytes, qos: int, retain: bool, props: Properties | None
-    ) -> None:
-        packet_id = self._packet_id()
-        packet = encode_publish(channel, data, qos, retain, False, packet_id, self.version, props)
-        if len(packet) > self.max_outgoing_packet:
-            return
-        self.inflight[packet_id] = qos
-        self.outbound.push(packet)
-
-    def _packet_id(self) -> int:
-        packet_id = self.next_packet_id
-        while packet_id in self.inflight:
-            packet_id = packet_id % 65535 + 1
-        self.next_packet_id = packet_id % 65535 + 1
-        return packet_id
-
-    def _acked(self, packet_id: int) -> None:
-        if self.inflight.pop(packet_id, None) is None:
-            return
-        while self.pending and len(self.inflight) < self.receive_maximum:
-            item = self.pending.popleft()
-            if isinstance(item, tuple):
-                channel, pub, qos, props = item
-                self._send_qos(channel, pub.data, qos, False, props)
-
-    # ------------------------------------------------------------------ output and end
-
-    def _send(self, packet: Packet) -> None:
+    def send_packet(self, packet: Packet) -> None:
         if not self.closed:
             self.outbound.push(encode(packet, self.version))
+
+    def write_publish(
+        self,
+        channel: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        props: Properties | None,
+        dup: bool = False,
+    ) -> None:
+        if self.closed:
+            return
+        packet = encode_publish(channel, data, qos, retain, dup, packet_id, self.version, props)
+        if len(packet) <= self.max_outgoing_packet:  # 5.0: never above the device's maximum
+            self.outbound.push(packet)
+
+    def write_message(self, message: Message, packet_id: int, dup: bool = False) -> None:
+        props = message.props if self.version == MQTT_5 else None
+        self.write_publish(
+            message.channel, message.data, message.qos, message.retain, packet_id, props, dup
+        )
+
+    # ------------------------------------------------------------------ end
 
     def _protocol_failure(self, code: ReasonCode, message: str) -> None:
         """A malformed packet or a protocol violation: 5.0 says why, then the end."""
         if self.closed:
             return
         if self.connected and self.version == MQTT_5:
-            self._send(Disconnect(code, Properties(reason_string=message[:100])))
+            self.send_packet(Disconnect(code, Properties(reason_string=message[:100])))
         elif not self.connected and code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
-            self._send(ConnAck(reason_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION))
+            self.send_packet(ConnAck(reason_code=ConnectReturnCode.UNACCEPTABLE_PROTOCOL_VERSION))
         event(
             log,
             "mqtt_protocol_error",
@@ -554,15 +713,15 @@ class MqttSession:
         self.close()
 
     def disconnect(self, code: ReasonCode, reason: str) -> None:
-        """Server-initiated end (takeover, shutdown, keep-alive)."""
+        """Server-initiated end (takeover, shutdown, keep-alive, slow reader)."""
         if self.closed:
             return
         if self.version == MQTT_5 and self.connected:
-            self._send(Disconnect(code, Properties(reason_string=reason[:100])))
+            self.send_packet(Disconnect(code, Properties(reason_string=reason[:100])))
         self.close()
 
     def close(self) -> None:
-        """Flush what is queued and close; the will (if still set) follows in _end."""
+        """Flush what is queued and close; the session and will follow in connection_lost."""
         if self.closed:
             return
         self.outbound.flush_now()
@@ -571,94 +730,124 @@ class MqttSession:
         self.transport.close()
 
     def _on_overflow(self) -> None:
-        self.node.loop.call_soon(self.disconnect, ReasonCode.QUOTA_EXCEEDED, "slow consumer")
+        self.node.loop.call_soon(self.disconnect, ReasonCode.QUOTA_EXCEEDED, "slow reader")
 
     def connection_lost(self) -> None:
         self.closed = True
         self.outbound.closed = True
-        self.server.unregister(self)
-        self.node.loop.create_task(self._end())
+        if self.runner is not None:
+            self.runner.cancel()
+        self.server.connections.discard(self)
+        state = self.state
+        if state is not None and state.connection is self:
+            state.detach(self.will if self.connected else None)
 
-    async def _end(self) -> None:
-        node = self.node
-        for topic_filter in list(self.subscriptions):
-            node.hub.remove_filter(topic_filter, self)
+
+class MqttServer:
+    """The node's MQTT sessions by client id: takeover, expiry, wills, keep-alive."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.sessions: dict[str, SessionState] = {}
+        self.connections: set[MqttConnection] = set()
+        node.tickers.append(self.tick)
+        node.metrics.gauge(
+            "mqtt_connections", "Open MQTT connections.", lambda: len(self.connections)
+        )
+        node.metrics.gauge(
+            "mqtt_sessions", "MQTT sessions, connected or kept.", lambda: len(self.sessions)
+        )
+
+    def attach(self, connection: MqttConnection) -> None:
+        self.connections.add(connection)
+
+    async def take(
+        self, client_id: str, principal: Principal, clean_start: bool, connection: MqttConnection
+    ) -> tuple[SessionState, bool]:
+        """The session for an authenticated CONNECT: (state, session present)."""
+        state = self.sessions.get(client_id)
+        if state is not None and state.connection is not None:
+            event(log, "mqtt_session_taken_over", logging.INFO, client_id=client_id)
+            old = state.connection
+            state.connection = None  # the old connection must not detach it
+            will = old.will
+            old.will = None
+            old.disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection took over")
+            # 5.0: a will with a delay is not sent when the session goes on right away.
+            if will is not None and not (will.properties and will.properties.will_delay_interval):
+                self.publish_will(state, will)
+        if state is not None and (clean_start or state.principal.user != principal.user):
+            await self._discard(state)
+            state = None
+        if state is None:
+            state = SessionState(self, client_id, principal)
+            self.sessions[client_id] = state
+            return state, False
+        state.principal = principal
+        return state, True
+
+    def end(self, state: SessionState) -> None:
+        self.node.loop.create_task(self._discard(state))
+
+    async def _discard(self, state: SessionState) -> None:
+        if self.sessions.get(state.client_id) is state:
+            del self.sessions[state.client_id]
+        if state.will_timer is not None:
+            state.will_timer.cancel()
+            state.will_timer = None
+            if state.will is not None:  # the session ends before the will delay: publish now
+                self.publish_will(state, state.will)
+                state.will = None
+        hub, node = self.node.hub, self.node
+        for topic_filter in list(state.subscriptions):
+            hub.remove_filter(topic_filter, state)
             await node.unsubscribe_filter(topic_filter)
-        self.subscriptions.clear()
-        if self.will is None or not self.connected:
-            return
-        # 5.0: the will waits for its delay or the end of the session, whichever is first.
-        delay = self.will.properties.will_delay_interval if self.will.properties else None
-        delay = min(delay or 0, self.session_expiry)
-        if delay:
-            node.loop.call_later(delay, lambda: node.loop.create_task(self._publish_will()))
-        else:
-            await self._publish_will()
+        state.subscriptions.clear()
+        state.pending.clear()
+        state.inflight.clear()
 
-    async def _publish_will(self) -> None:
-        will, principal = self.will, self.principal
-        if will is None or principal is None:
-            return
-        if self.client_id in self.server.sessions:
-            return  # the device came back before the will delay ran out
-        if channel_error(will.topic) or not self.node.may_publish(principal, will.topic):
+    def publish_will(self, state: SessionState, will: Will) -> None:
+        self.node.loop.create_task(self._publish_will(state, will))
+
+    async def _publish_will(self, state: SessionState, will: Will) -> None:
+        node, principal = self.node, state.principal
+        if channel_error(will.topic) or not node.may_publish(principal, will.topic):
             return
         meta = MqttMeta(will.qos, will.retain, will.properties)
         try:
-            await self.node.publish(
+            await node.publish(
                 will.topic,
                 will.payload,
                 user=principal.user,
-                client=self.client_id,
+                client=state.client_id,
                 source="mqtt_will",
                 meta=meta,
             )
             if will.retain:
-                pub = Publication(0, will.payload, principal.user, self.client_id, None, meta)
-                await self.node.broker.set_retained(will.topic, pub)
+                pub = Publication(0, will.payload, principal.user, state.client_id, None, meta)
+                await node.broker.set_retained(will.topic, pub)
         except BrokerUnavailable:
-            log.warning("mqtt_will_lost", extra={"fields": {"client_id": self.client_id}})
+            log.warning("mqtt_will_lost", extra={"fields": {"client_id": state.client_id}})
             return
-        event(log, "mqtt_will_published", logging.DEBUG, client_id=self.client_id, topic=will.topic)
-
-
-class MqttServer:
-    """The node's MQTT sessions by client id; keep-alive checks."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.sessions: dict[str, MqttSession] = {}
-        self.connections: set[MqttSession] = set()
-        node.tickers.append(self.tick)
-        node.metrics.gauge(
-            "mqtt_connections", "Connected MQTT sessions.", lambda: len(self.sessions)
-        )
-
-    def attach(self, session: MqttSession) -> None:
-        self.connections.add(session)
-
-    def register(self, session: MqttSession) -> None:
-        previous = self.sessions.get(session.client_id)
-        if previous is not None and previous is not session:
-            event(log, "mqtt_session_taken_over", logging.INFO, client_id=session.client_id)
-            previous.disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection took over")
-        self.sessions[session.client_id] = session
-
-    def unregister(self, session: MqttSession) -> None:
-        self.connections.discard(session)
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
+        event(log, "mqtt_will_published", logging.DEBUG, client_id=state.client_id)
 
     def tick(self, now: float) -> None:
         deadline = self.node.config.client.connect_timeout
-        for session in list(self.connections):
-            if not session.connected:
-                if now - session.last_rx > deadline:
-                    session.close()
-            elif session.keep_alive and now - session.last_rx > 1.5 * session.keep_alive:
-                session.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep-alive expired")
+        for connection in list(self.connections):
+            if not connection.connected:
+                if now - connection.last_rx > deadline:
+                    connection.close()
+            elif connection.keep_alive and now - connection.last_rx > 1.5 * connection.keep_alive:
+                connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep-alive expired")
+        expired = [
+            state
+            for state in self.sessions.values()
+            if state.connection is None and state.expires_at and state.expires_at <= now
+        ]
+        for state in expired:
+            self.end(state)
 
     def shutdown(self) -> None:
-        """Drain: 5.0 devices are told why; wills follow the spec (the connection ends)."""
-        for session in list(self.connections):
-            session.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")
+        """Drain: 5.0 devices are told why; their connections end (wills per the spec)."""
+        for connection in list(self.connections):
+            connection.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")

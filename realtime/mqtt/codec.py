@@ -711,6 +711,7 @@ class PacketDecoder:
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[Packet]:
         """Take the next bytes of the stream; return the packets they complete, in order."""
         if self._error is not None:
+            self._error.packets = []  # those were handed out with the first raise
             raise self._error
         if self._closed:
             return []

@@ -1,4 +1,4 @@
-"""MQTT over TCP: an asyncio.Protocol per connection around an MqttSession.
+"""MQTT over TCP: an asyncio.Protocol per connection around an MqttConnection.
 
 Bytes in go to the session's streaming decoder; packets out are queued on its Outbound
 and written once per loop tick, like WebSocket frames. No task per connection.
@@ -9,19 +9,19 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from realtime.core.mqtt_session import MqttServer, MqttSession
+from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
 from realtime.metrics import Metrics
 
 
-class MqttConnection(asyncio.Protocol):
+class MqttProtocol(asyncio.Protocol):
     __slots__ = ("listener", "metrics", "session", "transport")
 
     def __init__(self, listener: MqttListener) -> None:
         self.listener = listener
         self.metrics: Metrics = listener.node.metrics
         self.transport: asyncio.Transport | None = None
-        self.session: MqttSession | None = None
+        self.session: MqttConnection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -29,7 +29,7 @@ class MqttConnection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=node.config.limits.max_queue_bytes)
         peer = transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.session = MqttSession(self.listener.server, self, remote)
+        self.session = MqttConnection(self.listener.server, self, remote)
         self.listener.server.attach(self.session)
 
     def data_received(self, data: bytes) -> None:
@@ -66,7 +66,7 @@ class MqttListener:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await self.node.loop.create_server(
-            lambda: MqttConnection(self), host, port, backlog=4096, reuse_address=True
+            lambda: MqttProtocol(self), host, port, backlog=4096, reuse_address=True
         )
 
     @property
