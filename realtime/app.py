@@ -33,6 +33,8 @@ class Gateway:
         self.api = ServerApi(self.node)
         self.http = HttpServer(self.api.handle, max_body=config.api.max_body_bytes)
         self.mqtt = MqttListener(self.node) if config.mqtt.enabled else None
+        if self.mqtt is not None:
+            self.websocket.carry_mqtt(self.mqtt.server)
         self._stopped = asyncio.Event()
         self._stopping = False
 

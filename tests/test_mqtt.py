@@ -39,12 +39,17 @@ def port(gateway: Gateway) -> int:
 class Device:
     """A paho-mqtt client; paho runs its own network thread, the test awaits its queues."""
 
-    def __init__(self, gateway: Gateway, client_id: str, *, v5: bool = False) -> None:
+    def __init__(
+        self, gateway: Gateway, client_id: str, *, v5: bool = False, websocket: bool = False
+    ) -> None:
         protocol = paho.MQTTv5 if v5 else paho.MQTTv311
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            transport="websockets" if websocket else "tcp",
         )
-        self.port = port(gateway)
+        self.port = gateway.websocket.port if websocket else port(gateway)
         self.v5 = v5
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -53,7 +58,8 @@ class Device:
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.events.put(("suback", rcs))
         self.client.on_disconnect = lambda c, u, f, rc, p: self.events.put(("disconnect", rc))
         self.client.on_publish = lambda c, u, mid, rc, p: self.events.put(("puback", mid))
-        self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(6, 1, 1)  # NODELAY
+        if not websocket:  # under "websockets" paho hands over a wrapper, not the socket
+            self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(6, 1, 1)  # NODELAY
 
     async def connect(self, token: str | None = "default", keepalive: int = 30) -> Any:
         if token == "default":
@@ -216,6 +222,24 @@ async def test_acl_on_subscribe_publish_and_retained(
     await asyncio.to_thread(info.wait_for_publish, 5)
     await asyncio.sleep(0.2)
     assert app.pushes.empty()
+
+
+@pytest.mark.parametrize("v5", [False, True], ids=["3.1.1", "5.0"])
+async def test_mqtt_over_websocket(
+    mqtt_gateway: Gateway, devices: list[Device], clients: list[RawClient], v5: bool
+) -> None:
+    device = Device(mqtt_gateway, "browser-device", v5=v5, websocket=True)
+    devices.append(device)
+    assert await device.connect() == 0
+    assert await device.subscribe("rooms/#", qos=1) == [1]
+    await publish(mqtt_gateway, "rooms/5", "to the ws device")
+    assert (await device.message()).payload == b'"to the ws device"'
+    app = await RawClient.open(mqtt_gateway)
+    clients.append(app)
+    await app.subscribe("rooms/6")
+    info = device.client.publish("rooms/6", b"from the ws device", qos=1)
+    await asyncio.to_thread(info.wait_for_publish, 5)
+    assert (await app.publication()).pub.data == b"from the ws device"
 
 
 # ----------------------------------------------------------------------------- sessions

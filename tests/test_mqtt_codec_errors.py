@@ -366,6 +366,7 @@ def test_error_is_sticky_and_keeps_preceding_packets() -> None:
     exc = error_of(decoder, good + packet(0x30, "0001 23"))
     assert exc.packets == [Publish("a", b"1"), PingReq()]
     assert error_of(decoder, h("c0 00")) is exc
+    assert exc.packets == []
 
 
 def test_bytes_after_disconnect_are_ignored() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
+from operator import attrgetter
 from typing import Any, Final
 
 from realtime.mqtt.errors import MqttError, malformed, protocol_error
@@ -151,11 +152,39 @@ PROPERTIES: Final[tuple[PropertySpec, ...]] = (
                  T.BYTE, frozenset({P.CONNACK}), low=0, high=1),
 )  # fmt: skip
 
-# Indexed by identifier byte; identifiers are one byte in 5.0 (a VBI below 0x80).
-_BY_ID: Final[tuple[PropertySpec | None, ...]] = tuple(
-    next((spec for spec in PROPERTIES if spec.id == i), None) for i in range(256)
-)
+# Internal tables. Integer kind codes and plain tuples, because comparing against Enum members
+# and reading dataclass attributes per property cost more than the parsing itself.
+_BYTE, _UINT16, _UINT32, _VARINT, _STRING, _BINARY, _PAIR = range(7)
+_KIND: Final = {
+    T.BYTE: _BYTE,
+    T.UINT16: _UINT16,
+    T.UINT32: _UINT32,
+    T.VARINT: _VARINT,
+    T.STRING: _STRING,
+    T.BINARY: _BINARY,
+    T.STRING_PAIR: _PAIR,
+}
+_TYPE_MAX: Final = {_BYTE: 0xFF, _UINT16: MAX_UINT16, _UINT32: MAX_UINT32, _VARINT: MAX_VARINT}
 _LISTS: Final = frozenset({PropertyId.SUBSCRIPTION_IDENTIFIER, PropertyId.USER_PROPERTY})
+
+# (spec, field name, kind, allowed packets, low, high, is a list field); low is None when
+# any value of the type is allowed.
+_Entry = tuple[PropertySpec, str, int, frozenset[int], int | None, int, bool]
+
+
+def _entry(spec: PropertySpec) -> _Entry:
+    kind = _KIND[spec.kind]
+    high = spec.high if spec.high is not None else _TYPE_MAX.get(kind, 0)
+    return (spec, spec.name, kind, spec.packets, spec.low, high, spec.id in _LISTS)
+
+
+# Indexed by identifier byte; identifiers are one byte in 5.0 (a VBI below 0x80).
+_BY_ID: Final[tuple[_Entry | None, ...]] = tuple(
+    next((_entry(spec) for spec in PROPERTIES if spec.id == i), None) for i in range(256)
+)
+_IN_ORDER: Final = tuple(_entry(spec) for spec in PROPERTIES)
+_ID_BYTE: Final = {spec.name: bytes((spec.id,)) for spec in PROPERTIES}
+_get_all: Final = attrgetter(*(spec.name for spec in PROPERTIES))
 
 
 def _where(packet_type: int) -> str:
@@ -176,79 +205,69 @@ def decode_properties(
     while pos < stop:
         ident = data[pos]
         pos += 1
-        spec = _BY_ID[ident]
-        if spec is None:
+        entry = _BY_ID[ident]
+        if entry is None:
             raise malformed(f"{_where(packet_type)}: unknown property identifier 0x{ident:02X}")
-        if packet_type not in spec.packets:
-            raise malformed(f"{_where(packet_type)}: property {spec.name} is not allowed here")
-        kind = spec.kind
+        spec, name, kind, packets, low, high, is_list = entry
+        if packet_type not in packets:
+            raise malformed(f"{_where(packet_type)}: property {name} is not allowed here")
         value: Any
-        if kind is T.BYTE:
+        if kind == _STRING:
+            value, pos = read_string(data, pos, stop)
+        elif kind == _BYTE:
             if pos >= stop:
-                raise malformed(f"{_where(packet_type)}: truncated property {spec.name}")
+                raise malformed(f"{_where(packet_type)}: truncated property {name}")
             value = data[pos]
             pos += 1
-        elif kind is T.UINT16:
+        elif kind == _UINT16:
             if pos + 2 > stop:
-                raise malformed(f"{_where(packet_type)}: truncated property {spec.name}")
+                raise malformed(f"{_where(packet_type)}: truncated property {name}")
             value = (data[pos] << 8) | data[pos + 1]
             pos += 2
-        elif kind is T.UINT32:
+        elif kind == _UINT32:
             if pos + 4 > stop:
-                raise malformed(f"{_where(packet_type)}: truncated property {spec.name}")
+                raise malformed(f"{_where(packet_type)}: truncated property {name}")
             value = int.from_bytes(data[pos : pos + 4], "big")
             pos += 4
-        elif kind is T.VARINT:
-            value, pos = read_varint(data, pos, stop)
-        elif kind is T.STRING:
-            value, pos = read_string(data, pos, stop)
-        elif kind is T.BINARY:
-            value, pos = read_binary(data, pos, stop)
-        else:
+        elif kind == _PAIR:
             key, pos = read_string(data, pos, stop)
             text, pos = read_string(data, pos, stop)
             value = (key, text)
-        if spec.low is not None and spec.high is not None and not spec.low <= value <= spec.high:
-            raise MqttError(
-                spec.error, f"{_where(packet_type)}: property {spec.name} cannot be {value}"
-            )
-        if spec.id in _LISTS:
-            values: list[Any] = getattr(props, spec.name)
-            if values and packet_type not in spec.repeats_in:
-                raise protocol_error(f"{_where(packet_type)}: property {spec.name} repeated")
-            values.append(value)
-        elif getattr(props, spec.name) is not None:
-            raise protocol_error(f"{_where(packet_type)}: property {spec.name} repeated")
+        elif kind == _VARINT:
+            value, pos = read_varint(data, pos, stop)
         else:
-            setattr(props, spec.name, value)
+            value, pos = read_binary(data, pos, stop)
+        if low is not None and not low <= value <= high:
+            raise MqttError(spec.error, f"{_where(packet_type)}: property {name} cannot be {value}")
+        if is_list:
+            values: list[Any] = getattr(props, name)
+            if values and packet_type not in spec.repeats_in:
+                raise protocol_error(f"{_where(packet_type)}: property {name} repeated")
+            values.append(value)
+        elif getattr(props, name) is not None:
+            raise protocol_error(f"{_where(packet_type)}: property {name} repeated")
+        else:
+            setattr(props, name, value)
     return props, stop
 
 
-def _encode_value(spec: PropertySpec, value: Any) -> bytes:
-    kind = spec.kind
-    if kind is T.STRING:
+def _encode_value(entry: _Entry, value: Any) -> bytes:
+    _, name, kind, _, low, high, _ = entry
+    if kind == _STRING:
         return encode_string(value)
-    if kind is T.BINARY:
-        return encode_binary(value)
-    if kind is T.STRING_PAIR:
+    if kind == _PAIR:
         key, text = value
         return encode_string(key) + encode_string(text)
-    low = spec.low if spec.low is not None else 0
-    if kind is T.BYTE:
-        high = spec.high if spec.high is not None else 0xFF
-    elif kind is T.UINT16:
-        high = MAX_UINT16
-    elif kind is T.UINT32:
-        high = MAX_UINT32
-    else:
-        high = MAX_VARINT
+    if kind == _BINARY:
+        return encode_binary(value)
+    low = low or 0
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"property {spec.name} must be an integer in {low}..{high}: {value!r}")
-    if kind is T.BYTE:
+        raise ValueError(f"property {name} must be an integer in {low}..{high}: {value!r}")
+    if kind == _BYTE:
         return bytes((value,))
-    if kind is T.UINT16:
+    if kind == _UINT16:
         return pack_uint16(value)
-    if kind is T.UINT32:
+    if kind == _UINT32:
         return pack_uint32(value)
     return encode_varint(value)
 
@@ -257,22 +276,21 @@ def encode_properties(props: Properties | None, packet_type: int) -> bytes:
     """The property length and the properties, in identifier order; ``b"\\x00"`` for None."""
     if props is None:
         return b"\x00"
-    out = bytearray()
-    for spec in PROPERTIES:
-        value = getattr(props, spec.name)
+    parts: list[bytes] = []
+    for entry, value in zip(_IN_ORDER, _get_all(props), strict=True):
         if value is None:
             continue
-        if spec.id in _LISTS:
+        spec, name, _, packets, _, _, is_list = entry
+        if is_list:
             if not value:
                 continue
             if len(value) > 1 and packet_type not in spec.repeats_in:
-                raise ValueError(f"{_where(packet_type)}: property {spec.name} cannot repeat")
-            items = value
-        else:
-            items = (value,)
-        if packet_type not in spec.packets:
-            raise ValueError(f"{_where(packet_type)}: property {spec.name} is not allowed")
-        for item in items:
-            out.append(spec.id)
-            out += _encode_value(spec, item)
-    return encode_varint(len(out)) + bytes(out)
+                raise ValueError(f"{_where(packet_type)}: property {name} cannot repeat")
+        if packet_type not in packets:
+            raise ValueError(f"{_where(packet_type)}: property {name} is not allowed")
+        ident = _ID_BYTE[name]
+        for item in value if is_list else (value,):
+            parts.append(ident)
+            parts.append(_encode_value(entry, item))
+    body = b"".join(parts)
+    return encode_varint(len(body)) + body

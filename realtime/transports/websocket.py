@@ -7,7 +7,8 @@ during one loop tick go out in one `transport.write`. Slow readers are caught by
 transport's own high-water mark (`pause_writing`), at no cost per write. No task per
 connection: an idle connection is this object, the sans-I/O parser and its session.
 
-The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers).
+The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers), and
+carries MQTT over WebSocket (subprotocol `mqtt`) when the MQTT listener is enabled.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
 from realtime.core.session import Session
 from realtime.log import event
@@ -36,6 +38,8 @@ from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
 log = logging.getLogger("realtime.websocket")
 
 WEBSOCKET_PATH = "/connection/websocket"
+MQTT_PATH = "/mqtt"  # what MQTT-over-WebSocket clients use by default
+MQTT_SUBPROTOCOL = Subprotocol("mqtt")
 SUBPROTOCOLS = [Subprotocol(PROTO_SUBPROTOCOL), Subprotocol(JSON_SUBPROTOCOL)]
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 3.0
@@ -76,8 +80,9 @@ _NO_HEADERS = Headers()
 def _select_subprotocol(
     protocol: ServerProtocol, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
+    available = protocol.available_subprotocols or ()
     for name in offered:
-        if name in SUBPROTOCOLS:
+        if name in available:
             return name
     # No subprotocol offered (simple tools, curl-like clients): JSON, which humans can read.
     return None
@@ -104,11 +109,28 @@ def _json_response(protocol: ServerProtocol, status: int, body: dict[str, Any]) 
     return response
 
 
+class _MqttFrames:
+    """MQTT bytes out of an MqttConnection, as binary WebSocket frames."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: WebSocketConnection) -> None:
+        self.connection = connection
+
+    def write_payloads(self, payloads: list[bytes], size: int) -> None:
+        body = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        self.connection.write_payloads([frame_header(OP_BINARY, size) + body], size)
+
+    def close(self) -> None:
+        self.connection.close(1000, "")
+
+
 class WebSocketConnection(asyncio.Protocol):
     __slots__ = (
         "_fragments",
         "_timer",
         "metrics",
+        "mqtt",
         "protocol",
         "remote",
         "server",
@@ -120,13 +142,14 @@ class WebSocketConnection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.protocol = ServerProtocol(
-            subprotocols=SUBPROTOCOLS,
+            subprotocols=server.subprotocols,
             select_subprotocol=_select_subprotocol,
             origins=server.origins,
             max_size=server.node.config.limits.max_frame_bytes,
             logger=_quiet_logger,
         )
         self.session: Session | None = None
+        self.mqtt: MqttConnection | None = None
         self.metrics: Metrics = server.node.metrics
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -161,6 +184,8 @@ class WebSocketConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.session is not None:
             self.session.outbound.overflow()
+        elif self.mqtt is not None:
+            self.mqtt.outbound.overflow()
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
@@ -174,6 +199,8 @@ class WebSocketConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.session is not None:
             self.session.connection_lost()
+        elif self.mqtt is not None:
+            self.mqtt.connection_lost()
 
     # ------------------------------------------------------------------ handshake
 
@@ -186,7 +213,7 @@ class WebSocketConnection(asyncio.Protocol):
             response = _json_response(
                 protocol, 200 if ok else 503, {"status": "ok" if ok else "not ready"}
             )
-        elif path != WEBSOCKET_PATH:
+        elif path != WEBSOCKET_PATH and path != MQTT_PATH:
             response = _json_response(
                 protocol,
                 404,
@@ -211,22 +238,27 @@ class WebSocketConnection(asyncio.Protocol):
         protocol.send_response(response)
         if response.status_code != 101:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # websockets' parser generator keeps the request alive for the whole connection:
+        # drop its headers (~2.5 KB per idle connection) once we are done with them.
+        token = _handshake_token(request)
+        request.headers = _NO_HEADERS
+        if protocol.subprotocol == MQTT_SUBPROTOCOL and self.server.mqtt is not None:
+            self.mqtt = MqttConnection(self.server.mqtt, _MqttFrames(self), self.remote)
+            self.server.mqtt.attach(self.mqtt)
+            return
         codec = CODECS.get(protocol.subprotocol or "", JSON)
         self.session = Session(
             node,
             self,
             codec,
             WIRES[codec.name],
-            handshake_token=_handshake_token(request),
+            handshake_token=token,
             remote=self.remote,
         )
-        # websockets' parser generator keeps the request alive for the whole connection:
-        # drop its headers (~2.5 KB per idle connection) now that we are done with them.
-        request.headers = _NO_HEADERS
         node.attach(self.session)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # ------------------------------------------------------------------ frames
 
@@ -249,6 +281,8 @@ class WebSocketConnection(asyncio.Protocol):
     def _message(self, data: bytes) -> None:
         if self.session is not None:
             self.session.receive(data)
+        elif self.mqtt is not None:
+            self.mqtt.receive(data)
 
     # ------------------------------------------------------------------ output
 
@@ -294,9 +328,16 @@ class WebSocketServer:
         self.node = node
         self.loop = node.loop
         self.connections: set[WebSocketConnection] = set()
+        self.mqtt: MqttServer | None = None
+        self.subprotocols = list(SUBPROTOCOLS)
         origins = node.config.server.allowed_origins
         self.origins: list[Any] | None = [*origins, None] if origins else None
         self._server: asyncio.Server | None = None
+
+    def carry_mqtt(self, mqtt: MqttServer) -> None:
+        """Accept MQTT over WebSocket (subprotocol `mqtt`) for this MQTT server."""
+        self.mqtt = mqtt
+        self.subprotocols.append(MQTT_SUBPROTOCOL)
 
     async def start(self, host: str, port: int) -> None:
         self._server = await self.loop.create_server(
