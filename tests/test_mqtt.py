@@ -66,7 +66,9 @@ class Device:
             token = make_token("device")
         if token is not None:
             self.client.username_pw_set("device", token)
-        self.client.connect("127.0.0.1", self.port, keepalive=keepalive)
+        # In a thread: over WebSocket, paho's connect() waits for the handshake answer from
+        # the gateway, which runs on this event loop.
+        await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, keepalive)
         self.client.loop_start()
         kind, code = await self.event()
         assert kind == "connect"

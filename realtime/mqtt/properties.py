@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, is_not
 from typing import Any, Final
 
 from realtime.mqtt.errors import MqttError, malformed, protocol_error
@@ -277,9 +278,10 @@ def encode_properties(props: Properties | None, packet_type: int) -> bytes:
     if props is None:
         return b"\x00"
     parts: list[bytes] = []
-    for entry, value in zip(_IN_ORDER, _get_all(props), strict=True):
-        if value is None:
-            continue
+    values = _get_all(props)
+    # Most fields are None: skip them in C (compress/map) rather than in a Python loop.
+    present = map(is_not, values, repeat(None))
+    for entry, value in compress(zip(_IN_ORDER, values, strict=True), present):
         spec, name, _, packets, _, _, is_list = entry
         if is_list:
             if not value:
