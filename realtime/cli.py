@@ -38,9 +38,7 @@ def _banner(config: Config, gateway: object, created_secrets: bool) -> str:
         + ("  (one node alone; no Redis needed)" if gateway.node.broker.name == "memory" else ""),
         f"  websocket  ws://{shown}:{gateway.websocket.port}{WEBSOCKET_PATH}"
         f"  (subprotocols realtime.v1.proto, realtime.v1.json; listening on {host})",
-        f"  mqtt       mqtt://{shown}:{gateway.mqtt.port}  (3.1.1 and 5.0; token as password)"
-        if gateway.mqtt is not None
-        else "  mqtt       off  ([mqtt] enabled = true to let devices in)",
+        _mqtt_line(gateway, shown),
         f"  server API http://{config.api.host}:{gateway.http.port}/api/v1/"
         "  (header 'Authorization: apikey <key>'; /metrics /healthz /readyz)",
     ]
@@ -54,6 +52,18 @@ def _banner(config: Config, gateway: object, created_secrets: bool) -> str:
     else:
         lines.append("  tokens     realtime token --config <this config> --user <id> ...")
     return "\n".join(lines)
+
+
+def _mqtt_line(gateway: object, shown: str) -> str:
+    from realtime.app import Gateway
+
+    assert isinstance(gateway, Gateway)
+    if gateway.mqtt is None:
+        return "  mqtt       off  ([mqtt] enabled = true to let devices in)"
+    line = f"  mqtt       mqtt://{shown}:{gateway.mqtt.port}"
+    if gateway.mqtt.tls_port:
+        line += f", mqtts://{shown}:{gateway.mqtt.tls_port}"
+    return line + ", and ws .../mqtt  (3.1.1 and 5.0; the token is the password)"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -99,11 +99,15 @@ class LimitsConfig:
 
 @dataclass
 class MqttConfig:
-    # MQTT 3.1.1 and 5.0 devices in the same hub (preview: shared subscriptions, TLS and
-    # MQTT over WebSocket are not there yet).
+    # MQTT 3.1.1 and 5.0 devices in the same hub (over TCP, TLS, and WebSocket on the public
+    # port with subprotocol "mqtt"). Shared subscriptions are not there yet.
     enabled: bool = False
     host: str = "0.0.0.0"
     port: int = 1883
+    # MQTT over TLS on tls_port when a certificate and key (PEM files) are configured.
+    tls_port: int = 8883
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     # Devices without a token (CONNECT without password) get only what namespaces grant
     # to "authenticated" clients.
     allow_anonymous: bool = False
@@ -333,6 +337,12 @@ def validate(config: Config) -> None:
     need(config.broker.type == "memory", "broker.type", "only 'memory' is available")
     mqtt = config.mqtt
     need(0 <= mqtt.port <= 65535, "mqtt.port", f"{mqtt.port} is not a TCP port")
+    need(0 <= mqtt.tls_port <= 65535, "mqtt.tls_port", f"{mqtt.tls_port} is not a TCP port")
+    need(
+        bool(mqtt.tls_cert_file) == bool(mqtt.tls_key_file),
+        "mqtt.tls_cert_file",
+        "set both tls_cert_file and tls_key_file, or neither",
+    )
     need(
         64 <= mqtt.max_packet_size <= 268_435_460,
         "mqtt.max_packet_size",

@@ -414,3 +414,60 @@ async def test_mosquitto_clients(mqtt_gateway: Gateway, clients: list[RawClient]
     )
     assert await asyncio.wait_for(pub.wait(), 10) == 0
     assert (await app.publication()).pub.data == b"hello"
+
+
+async def test_mqtt_over_tls(make_gateway: GatewayFactory, tmp_path: Any) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    gateway = await make_gateway(
+        mqtt={
+            **MQTT_CONFIG["mqtt"],
+            "tls_port": 0,
+            "tls_cert_file": str(cert_file),
+            "tls_key_file": str(key_file),
+        }
+    )
+    assert gateway.mqtt is not None and gateway.mqtt.tls_port
+    device = Device(gateway, "tls-device")
+    device.port = gateway.mqtt.tls_port
+    device.client.tls_set(ca_certs=str(cert_file))
+    try:
+        assert await device.connect() == 0
+        await device.subscribe("secure/#")
+        await publish(gateway, "secure/1", "over tls")
+        assert (await device.message()).payload == b'"over tls"'
+    finally:
+        await asyncio.to_thread(device.stop)

@@ -7,6 +7,7 @@ and written once per loop tick, like WebSocket frames. No task per connection.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import cast
 
 from realtime.core.mqtt_session import MqttConnection, MqttServer
@@ -63,11 +64,31 @@ class MqttListener:
         self.node = node
         self.server = MqttServer(node)
         self._server: asyncio.Server | None = None
+        self._tls_server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
         self._server = await self.node.loop.create_server(
             lambda: MqttProtocol(self), host, port, backlog=4096, reuse_address=True
         )
+        config = self.node.config.mqtt
+        if config.tls_cert_file:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+            self._tls_server = await self.node.loop.create_server(
+                lambda: MqttProtocol(self),
+                host,
+                config.tls_port,
+                ssl=context,
+                backlog=4096,
+                reuse_address=True,
+            )
+
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is None:
+            return None
+        port: int = self._tls_server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def port(self) -> int:
@@ -76,8 +97,9 @@ class MqttListener:
         return port
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.close()
 
     async def drain(self, timeout: float) -> None:
         self.server.shutdown()
