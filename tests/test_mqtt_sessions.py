@@ -228,3 +228,54 @@ async def test_message_expiry_while_queued(gateway: Gateway) -> None:
     assert await device.quiet()
     device.disconnect()
     sender.disconnect()
+
+
+async def test_shared_subscription_round_robin(gateway: Gateway) -> None:
+    workers = [RawDevice(gateway, version) for version in (MQTT_5, MQTT_5, MQTT_3_1_1)]
+    for i, worker in enumerate(workers):
+        await worker.connect(f"worker-{i}", clean=True)
+        await worker.subscribe("$share/pool/jobs/#")
+    watcher = RawDevice(gateway)
+    await watcher.connect("watcher", clean=True)
+    await watcher.subscribe("jobs/#")
+    for i in range(9):
+        await publish(gateway, f"jobs/{i}", i)
+    seen: list[int] = []
+    for worker in workers:
+        mine = []
+        for _ in range(3):
+            packet = await worker.next(Publish)
+            worker.send(PubAck(packet.packet_id))
+            mine.append(json.loads(packet.payload))
+        assert await worker.quiet(0.2)
+        seen += mine
+    assert sorted(seen) == list(range(9))  # each job exactly once across the group
+    for _ in range(9):  # a plain subscription still sees every one
+        packet = await watcher.next(Publish)
+        watcher.send(PubAck(packet.packet_id))
+    for device in (*workers, watcher):
+        device.disconnect()
+
+
+async def test_outbound_topic_aliases(gateway: Gateway) -> None:
+    device = RawDevice(gateway)
+    device.reader, device.writer = await asyncio.open_connection("127.0.0.1", device.port)
+    device.send(
+        Connect(
+            "aliased",
+            username="aliased",
+            password=make_token("aliased").encode(),
+            properties=Properties(topic_alias_maximum=1),
+        )
+    )
+    await device.next(ConnAck)
+    await device.subscribe("a/#", qos=0)
+    for topic in ("a/first", "a/first", "a/second"):
+        await publish(gateway, topic, topic)
+    first, again, other = [await device.next(Publish) for _ in range(3)]
+    assert (first.topic, first.properties.topic_alias) == ("a/first", 1)
+    assert (again.topic, again.properties.topic_alias) == ("", 1)
+    assert json.loads(again.payload) == "a/first"
+    # Only one alias allowed: a new topic travels in full, without an alias.
+    assert other.topic == "a/second" and not (other.properties and other.properties.topic_alias)
+    device.disconnect()

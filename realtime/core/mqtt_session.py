@@ -24,14 +24,18 @@ Protocol rules kept here (the codec in `realtime.mqtt` checks the bytes):
   when a persistent session resumes;
 - last will on every abnormal end (keep-alive expiry included), after the 5.0 will delay
   or at the end of the session, whichever comes first; not if the device came back;
-- keep-alive enforced at 1.5x; 5.0 message expiry on queued messages.
-
-Not yet: shared subscriptions (refused with 0x9E), outbound topic aliases.
+- keep-alive enforced at 1.5x; 5.0 message expiry on queued messages;
+- shared subscriptions (`$share/group/filter`, also accepted from 3.1.1 devices as
+  mosquitto and EMQX do): each publication goes to one member, round robin, preferring
+  connected members; no retained messages on a shared subscribe (5.0 4.8.2);
+- topic aliases both ways (5.0): inbound up to `mqtt.topic_alias_maximum`, outbound up to
+  what the device's CONNECT allows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 from collections import deque
@@ -145,6 +149,36 @@ def _forwarded_properties(meta: object, identifiers: list[int]) -> Properties | 
     return props
 
 
+class SharedGroup:
+    """`$share/{name}/{filter}`: one hub member for the group; each publication goes to one
+    member session, round robin, preferring connected ones."""
+
+    __slots__ = ("members", "name", "topic_filter", "turn")
+
+    def __init__(self, name: str, topic_filter: str) -> None:
+        self.name = name
+        self.topic_filter = topic_filter
+        self.members: dict[SessionState, SubscriptionValue] = {}
+        self.turn = 0
+
+    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
+        members = list(self.members.items())
+        if not members:
+            return
+        count = len(members)
+        start = self.turn % count
+        self.turn = start + 1
+        chosen = members[start]
+        for i in range(count):
+            candidate = members[(start + i) % count]
+            if candidate[0].connection is not None:
+                chosen = candidate
+                self.turn = (start + i) % count + 1
+                break
+        state, value = chosen
+        state.deliver(channel, pub, [value])
+
+
 class SessionState:
     """One device's MQTT session; the hub delivers to it whether or not it is connected."""
 
@@ -212,7 +246,11 @@ class SessionState:
         props = _forwarded_properties(pub.meta, identifiers) if v5 else None
         if qos == 0:
             if connection is not None:
-                connection.write_publish(channel, pub.data, 0, retain, 0, props)
+                if props is None and not retain and not connection.alias_maximum:
+                    # The common case: the same bytes for every plain subscriber.
+                    connection.push_raw(self.server.qos0_packet(channel, pub, connection.version))
+                else:
+                    connection.write_publish(channel, pub.data, 0, retain, 0, props)
             return  # QoS 0 is not queued for an absent device
         expires_at = 0.0
         if props is not None and props.message_expiry_interval:
@@ -314,6 +352,7 @@ class MqttConnection:
     """One network connection of a device: decoder, CONNECT, packets, keep-alive."""
 
     __slots__ = (
+        "alias_maximum",
         "bucket",
         "closed",
         "connected",
@@ -325,6 +364,7 @@ class MqttConnection:
         "max_outgoing_packet",
         "node",
         "outbound",
+        "outbound_aliases",
         "principal",
         "queue",
         "receive_maximum",
@@ -357,6 +397,8 @@ class MqttConnection:
         self.will: Will | None = None  # cleared by a normal DISCONNECT
         self.last_rx = node.loop.time()
         self.inbound_aliases: dict[int, str] = {}
+        self.outbound_aliases: dict[str, int] = {}
+        self.alias_maximum = 0  # topic aliases the device accepts from us (5.0)
         self.receive_maximum = 65535  # the device's (5.0), for our QoS 1/2 sends
         self.max_outgoing_packet = 268_435_460
         self.bucket = TokenBucket(config.publishes_per_second, config.publish_burst, self.last_rx)
@@ -480,6 +522,8 @@ class MqttConnection:
                 self.receive_maximum = props.receive_maximum
             if props.maximum_packet_size:
                 self.max_outgoing_packet = props.maximum_packet_size
+            if v5 and props.topic_alias_maximum:
+                self.alias_maximum = props.topic_alias_maximum
         # Only now, authenticated, may this connection touch an existing session.
         state, present = await self.server.take(client_id, principal, packet.clean_start, self)
         state.expiry = self._capped_expiry(expiry)
@@ -494,7 +538,7 @@ class MqttConnection:
                 retain_available=1,
                 wildcard_subscription_available=1,
                 subscription_identifier_available=1,
-                shared_subscription_available=0,
+                shared_subscription_available=1,
             )
             if assigned:
                 ack_props.assigned_client_identifier = assigned
@@ -622,22 +666,29 @@ class MqttConnection:
         codes: list[int] = []
         retained_for: list[tuple[str, SubscriptionValue]] = []
         for topic_filter, options in packet.subscriptions:
-            if v5 and split_shared(topic_filter) is not None:
-                codes.append(ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+            shared = split_shared(topic_filter)
+            target = shared[1] if shared is not None else topic_filter
+            if shared is not None and (not shared[0] or not target):
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else 0x80)
                 continue
-            if not node.may_subscribe_filter(principal, topic_filter):
+            if not node.may_subscribe_filter(principal, target):
                 codes.append(ReasonCode.NOT_AUTHORIZED if v5 else 0x80)
                 continue
             existed = topic_filter in state.subscriptions
             if not existed and len(state.subscriptions) >= config.max_subscriptions:
                 codes.append(ReasonCode.QUOTA_EXCEEDED if v5 else 0x80)
                 continue
+            if shared is not None and options.no_local:
+                raise MqttError(ReasonCode.PROTOCOL_ERROR, "no local on a shared subscription")
             value = SubscriptionValue(options, identifier)
             state.subscriptions[topic_filter] = value
+            codes.append(options.qos)
+            if shared is not None:
+                await self.server.join_group(shared[0], target, state, value)
+                continue  # no retained messages on a shared subscribe
             node.hub.add_filter(topic_filter, state, value)
             if not existed:
                 await node.subscribe_filter(topic_filter)
-            codes.append(options.qos)
             if options.retain_handling == 0 or (options.retain_handling == 1 and not existed):
                 retained_for.append((topic_filter, value))
         self.send_packet(SubAck(packet.packet_id, codes))
@@ -658,8 +709,7 @@ class MqttConnection:
             if state.subscriptions.pop(topic_filter, None) is None:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
-            self.node.hub.remove_filter(topic_filter, state)
-            await self.node.unsubscribe_filter(topic_filter)
+            await self.server.drop_subscription(state, topic_filter)
             codes.append(ReasonCode.SUCCESS)
         self.send_packet(UnsubAck(packet.packet_id, codes if self.version == MQTT_5 else []))
 
@@ -668,6 +718,10 @@ class MqttConnection:
     def send_packet(self, packet: Packet) -> None:
         if not self.closed:
             self.outbound.push(encode(packet, self.version))
+
+    def push_raw(self, packet: bytes) -> None:
+        if not self.closed and len(packet) <= self.max_outgoing_packet:
+            self.outbound.push(packet)
 
     def write_publish(
         self,
@@ -681,9 +735,24 @@ class MqttConnection:
     ) -> None:
         if self.closed:
             return
-        packet = encode_publish(channel, data, qos, retain, dup, packet_id, self.version, props)
+        topic = channel
+        if self.alias_maximum:
+            topic, props = self._aliased(channel, props)
+        packet = encode_publish(topic, data, qos, retain, dup, packet_id, self.version, props)
         if len(packet) <= self.max_outgoing_packet:  # 5.0: never above the device's maximum
             self.outbound.push(packet)
+
+    def _aliased(self, channel: str, props: Properties | None) -> tuple[str, Properties | None]:
+        """5.0 outbound topic alias: the topic once, then only its number."""
+        alias = self.outbound_aliases.get(channel)
+        known = alias is not None
+        if alias is None:
+            if len(self.outbound_aliases) >= self.alias_maximum:
+                return channel, props
+            alias = self.outbound_aliases[channel] = len(self.outbound_aliases) + 1
+        aliased = Properties() if props is None else copy.copy(props)
+        aliased.topic_alias = alias
+        return ("" if known else channel), aliased
 
     def write_message(self, message: Message, packet_id: int, dup: bool = False) -> None:
         props = message.props if self.version == MQTT_5 else None
@@ -750,6 +819,10 @@ class MqttServer:
         self.node = node
         self.sessions: dict[str, SessionState] = {}
         self.connections: set[MqttConnection] = set()
+        self.groups: dict[tuple[str, str], SharedGroup] = {}
+        # One publication's QoS 0 packets, per version, while the hub fans it out.
+        self._cached: Publication | None = None
+        self._cached_packets: dict[int, bytes] = {}
         node.tickers.append(self.tick)
         node.metrics.gauge(
             "mqtt_connections", "Open MQTT connections.", lambda: len(self.connections)
@@ -786,6 +859,41 @@ class MqttServer:
         state.principal = principal
         return state, True
 
+    def qos0_packet(self, channel: str, pub: Publication, version: int) -> bytes:
+        if self._cached is not pub:
+            self._cached = pub
+            self._cached_packets = {}
+        packet = self._cached_packets.get(version)
+        if packet is None:
+            packet = encode_publish(channel, pub.data, 0, False, False, 0, version)
+            self._cached_packets[version] = packet
+        return packet
+
+    async def join_group(
+        self, name: str, topic_filter: str, state: SessionState, value: SubscriptionValue
+    ) -> None:
+        group = self.groups.get((name, topic_filter))
+        if group is None:
+            group = self.groups[(name, topic_filter)] = SharedGroup(name, topic_filter)
+            self.node.hub.add_filter(topic_filter, group, None)
+            await self.node.subscribe_filter(topic_filter)
+        group.members[state] = value
+
+    async def drop_subscription(self, state: SessionState, topic_filter: str) -> None:
+        shared = split_shared(topic_filter)
+        if shared is None:
+            self.node.hub.remove_filter(topic_filter, state)
+            await self.node.unsubscribe_filter(topic_filter)
+            return
+        group = self.groups.get(shared)
+        if group is None:
+            return
+        group.members.pop(state, None)
+        if not group.members:
+            del self.groups[shared]
+            self.node.hub.remove_filter(group.topic_filter, group)
+            await self.node.unsubscribe_filter(group.topic_filter)
+
     def end(self, state: SessionState) -> None:
         self.node.loop.create_task(self._discard(state))
 
@@ -798,10 +906,8 @@ class MqttServer:
             if state.will is not None:  # the session ends before the will delay: publish now
                 self.publish_will(state, state.will)
                 state.will = None
-        hub, node = self.node.hub, self.node
         for topic_filter in list(state.subscriptions):
-            hub.remove_filter(topic_filter, state)
-            await node.unsubscribe_filter(topic_filter)
+            await self.drop_subscription(state, topic_filter)
         state.subscriptions.clear()
         state.pending.clear()
         state.inflight.clear()
