@@ -124,6 +124,7 @@ class MqttConfig:
     max_session_expiry: int = 86_400
     topic_alias_maximum: int = 32
     max_subscriptions: int = 256
+    max_connections: int = 100_000
     publishes_per_second: float = 100.0
     publish_burst: int = 200
 
@@ -355,6 +356,7 @@ def validate(config: Config) -> None:
     need(mqtt.max_session_expiry >= 0, "mqtt.max_session_expiry", "must be >= 0")
     need(0 <= mqtt.topic_alias_maximum <= 65535, "mqtt.topic_alias_maximum", "must be 0..65535")
     need(mqtt.max_subscriptions >= 1, "mqtt.max_subscriptions", "must be >= 1")
+    need(mqtt.max_connections >= 1, "mqtt.max_connections", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
     need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
     need(

@@ -24,11 +24,13 @@ from realtime.protocol import realtime_pb2 as pb
 from .conftest import GatewayFactory, RawClient, make_token, publish
 
 MQTT_CONFIG = {"mqtt": {"enabled": True, "host": "127.0.0.1", "port": 0}}
+# rooms/* keeps history, so WebSocket subscribers see stream offsets on device publications.
+ROOMS = {"rooms": {"history_size": 100, "publish": "token"}}
 
 
 @pytest.fixture
 async def mqtt_gateway(make_gateway: GatewayFactory) -> Gateway:
-    return await make_gateway(**MQTT_CONFIG)
+    return await make_gateway(**MQTT_CONFIG, namespaces=ROOMS)
 
 
 def port(gateway: Gateway) -> int:
@@ -132,21 +134,34 @@ async def test_device_and_websocket_meet_in_one_channel(
     assert await device.subscribe("rooms/+", qos=1) == [1]
     app = await RawClient.open(mqtt_gateway)
     clients.append(app)
-    await app.subscribe("rooms/42")
+    subscribed = await app.subscribe("rooms/42")
+    assert subscribed.recoverable and subscribed.position.offset == 0
 
-    # Device -> WebSocket app.
+    # Device -> WebSocket app, with its place in the channel's stream.
     device.client.publish("rooms/42", b'{"t":21.5}', qos=1)
     push = await app.publication()
     assert push.channel == "rooms/42" and json.loads(push.pub.data) == {"t": 21.5}
-    assert push.pub.info.user == "device"
+    assert push.pub.offset == 1 and push.pub.info.user == "device"
     assert (await device.message()).payload == b'{"t":21.5}'  # its own subscription too
 
-    # WebSocket app and server API -> device (through the wildcard subscription).
+    # WebSocket app -> device, and server API -> device (through the wildcard).
     reply = await app.request(publish=pb.PublishRequest(channel="rooms/42", data=b"from-app"))
-    assert not reply.HasField("error")
-    await publish(mqtt_gateway, "rooms/7", {"from": "api"})
-    got = {(await device.message()).payload for _ in range(2)}
-    assert got == {b"from-app", b'{"from":"api"}'}
+    assert reply.publish.position.offset == 2
+    assert (await app.publication()).pub.offset == 2
+    assert (await device.message()).payload == b"from-app"
+    result = await publish(mqtt_gateway, "rooms/42", {"from": "api"})
+    assert result["position"]["offset"] == 3
+    assert (await app.publication()).pub.offset == 3
+    assert (await device.message()).payload == b'{"from":"api"}'
+    # A WebSocket app that was away recovers the device's publication by offset too.
+    late = await RawClient.open(mqtt_gateway)
+    clients.append(late)
+    recovered = await late.subscribe(
+        "rooms/42",
+        recover=True,
+        since=pb.StreamPosition(offset=0, epoch=subscribed.position.epoch),
+    )
+    assert recovered.recovered and [p.offset for p in recovered.publications] == [1, 2, 3]
 
 
 async def test_qos_levels_end_to_end_with_downgrade(

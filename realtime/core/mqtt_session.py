@@ -493,6 +493,10 @@ class MqttConnection:
         config = self.node.config.mqtt
         self.version = self.decoder.version or 4
         v5 = self.version == MQTT_5
+        if len(self.server.connections) > config.max_connections:
+            self.node.metrics.connections_refused["mqtt_max_connections"] += 1
+            self._refuse(ConnectReturnCode.SERVER_UNAVAILABLE, "too many connections; try later")
+            return
         principal = self._authenticate(packet)
         if principal is None:
             return
@@ -580,6 +584,7 @@ class MqttConnection:
             ConnectReturnCode.IDENTIFIER_REJECTED: ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
             ConnectReturnCode.BAD_USER_NAME_OR_PASSWORD: ReasonCode.BAD_USER_NAME_OR_PASSWORD,
             ConnectReturnCode.NOT_AUTHORIZED: ReasonCode.NOT_AUTHORIZED,
+            ConnectReturnCode.SERVER_UNAVAILABLE: ReasonCode.SERVER_BUSY,
         }
         if self.version == MQTT_5:
             props = Properties(reason_string=reason[:100])
