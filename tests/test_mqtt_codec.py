@@ -319,7 +319,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("version", "server", "name"), CASES)
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(data=st.data(), cuts=cut_points)
 def test_round_trip(
     version: int, server: bool, name: str, data: st.DataObject, cuts: list[int]

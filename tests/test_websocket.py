@@ -257,7 +257,8 @@ async def test_token_expiry_closes_and_refresh_extends(
 async def test_command_rate_limit_answers_retry_after(
     make_gateway: GatewayFactory, clients: list[RawClient]
 ) -> None:
-    gateway = await make_gateway(limits={"commands_per_second": 5.0, "command_burst": 5})
+    # A slow refill (one token per 2 s), so that machine load cannot change the count.
+    gateway = await make_gateway(limits={"commands_per_second": 0.5, "command_burst": 5})
     client = await RawClient.open(gateway)
     clients.append(client)
     frame = b"".join(

@@ -448,7 +448,7 @@ def _ack_decoder(
     return decode_ack
 
 
-def _subscription(data: bytes, pos: int, end: int, version: int) -> tuple[str, int, int]:
+def _subscription(data: bytes, pos: int, end: int) -> tuple[str, int, int]:
     topic_filter, pos = read_string(data, pos, end)
     if pos >= end:
         raise malformed("SUBSCRIBE: missing subscription options")
@@ -468,7 +468,7 @@ def _decode_subscribe(data: bytes, pos: int, end: int, version: int) -> Subscrib
         props, pos = decode_properties(data, pos, end, P.SUBSCRIBE)
     subscriptions: list[tuple[str, SubscriptionOptions]] = []
     while pos < end:
-        topic_filter, byte, pos = _subscription(data, pos, end, version)
+        topic_filter, byte, pos = _subscription(data, pos, end)
         if byte & 0x03 == 3:
             raise malformed(f"SUBSCRIBE: QoS 3 for {topic_filter!r}")
         if not v5:
@@ -510,8 +510,8 @@ def _decode_suback(data: bytes, pos: int, end: int, version: int) -> SubAck:
         allowed = V311_SUBACK_CODES
     if pos >= end:
         raise protocol_error("SUBACK: no return code")
-    codes = [_reason(code, allowed, "SUBACK") for code in data[pos:end]]
-    return SubAck(packet_id, list(codes), props)
+    codes: list[int] = [_reason(code, allowed, "SUBACK") for code in data[pos:end]]
+    return SubAck(packet_id, codes, props)
 
 
 def _decode_unsubscribe(data: bytes, pos: int, end: int, version: int) -> Unsubscribe:

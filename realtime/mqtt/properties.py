@@ -153,8 +153,8 @@ PROPERTIES: Final[tuple[PropertySpec, ...]] = (
                  T.BYTE, frozenset({P.CONNACK}), low=0, high=1),
 )  # fmt: skip
 
-# Internal tables. Integer kind codes and plain tuples, because comparing against Enum members
-# and reading dataclass attributes per property cost more than the parsing itself.
+# Internal tables: integer kind codes and plain tuples, because Enum member lookups and
+# dataclass attribute reads were a large share of the per-property cost.
 _BYTE, _UINT16, _UINT32, _VARINT, _STRING, _BINARY, _PAIR = range(7)
 _KIND: Final = {
     T.BYTE: _BYTE,
