@@ -100,8 +100,8 @@ class LimitsConfig:
 @dataclass
 class MqttConfig:
     # MQTT 3.1.1 and 5.0 devices in the same hub (over TCP, TLS, and WebSocket on the public
-    # port with subprotocol "mqtt"). Shared subscriptions are not there yet.
-    enabled: bool = False
+    # port with subprotocol "mqtt").
+    enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 1883
     # MQTT over TLS on tls_port when a certificate and key (PEM files) are configured.

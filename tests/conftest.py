@@ -33,6 +33,7 @@ BASE_CONFIG: dict[str, Any] = {
     "api": {"host": "127.0.0.1", "port": 0, "key": API_KEY},
     "auth": {"hmac_secret": SECRET, "leeway": 0.0},
     "log": {"level": "warning"},
+    "mqtt": {"host": "127.0.0.1", "port": 0},
     "namespaces": {
         "default": {"subscribe": "token", "publish": "token"},
         "chat": {"history_size": 50, "history_ttl": 60.0, "publish": "token"},

@@ -57,7 +57,10 @@ def test_token_without_a_key_says_what_to_do(tmp_path: Path) -> None:
 @pytest.fixture
 async def dev_server(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     env = clean_env(
-        REALTIME_SERVER__PORT="0", REALTIME_API__PORT="0", REALTIME_LOG__LEVEL="warning"
+        REALTIME_SERVER__PORT="0",
+        REALTIME_API__PORT="0",
+        REALTIME_MQTT__PORT="0",
+        REALTIME_LOG__LEVEL="warning",
     )
     process = await asyncio.create_subprocess_exec(
         *REALTIME, "serve", "--dev", cwd=tmp_path, env=env, stdout=subprocess.PIPE
