@@ -40,17 +40,30 @@ class Principal:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# Filter sets by claim: thousands of devices carry the same claims, so they share one set
+# (it is immutable), which matters for memory per idle connection.
+_INTERNED: dict[tuple[str, ...], FilterSet] = {}
+
+
 def _filters(claims: dict[str, Any], name: str) -> FilterSet:
     value = claims.get(name, [])
     if not value and isinstance(value, list):
         return NO_FILTERS
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        interned = _INTERNED.get(tuple(value))
+        if interned is not None:
+            return interned
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise AuthError(f"claim {name!r} must be a list of channel filters")
     for item in value:
         problem = filter_error(item)
         if problem:
             raise AuthError(f"claim {name!r}: {item!r}: {problem}")
-    return FilterSet(value)
+    filters = FilterSet(value)
+    if len(_INTERNED) >= 4096:
+        _INTERNED.clear()
+    _INTERNED[tuple(value)] = filters
+    return filters
 
 
 class TokenVerifier:

@@ -46,6 +46,7 @@ class _Stream:
 
 class MemoryBroker(Broker):
     name = "memory"
+    publishes_at_once = True
 
     def __init__(self) -> None:
         self._handler: BrokerHandler | None = None
@@ -87,6 +88,34 @@ class MemoryBroker(Broker):
         idempotency_key: str = "",
         idempotency_ttl: float = 300.0,
         meta: object = None,
+    ) -> PublishResult:
+        return self._publish(
+            channel, data, user, client, tags, history, idempotency_key, idempotency_ttl, meta
+        )
+
+    def publish_nowait(
+        self,
+        channel: str,
+        data: bytes,
+        user: str,
+        client: str,
+        history: HistoryPolicy | None,
+        idempotency_ttl: float,
+        meta: object,
+    ) -> PublishResult:
+        return self._publish(channel, data, user, client, None, history, "", idempotency_ttl, meta)
+
+    def _publish(
+        self,
+        channel: str,
+        data: bytes,
+        user: str,
+        client: str,
+        tags: dict[str, str] | None,
+        history: HistoryPolicy | None,
+        idempotency_key: str,
+        idempotency_ttl: float,
+        meta: object,
     ) -> PublishResult:
         now = self._now()
         if idempotency_key:

@@ -106,6 +106,8 @@ class Broker(ABC):
     """What the hub needs from a broker. All methods may raise BrokerUnavailable."""
 
     name: str
+    # True when `publish_nowait` works (nothing to wait for, as in the memory broker).
+    publishes_at_once = False
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None: ...
@@ -127,6 +129,20 @@ class Broker(ABC):
         idempotency_ttl: float = 300.0,
         meta: object = None,
     ) -> PublishResult: ...
+
+    def publish_nowait(
+        self,
+        channel: str,
+        data: bytes,
+        user: str,
+        client: str,
+        history: HistoryPolicy | None,
+        idempotency_ttl: float,
+        meta: object,
+    ) -> PublishResult | None:
+        """`publish` (without idempotency key or tags) done at once, for brokers that never
+        need to wait; the others return None and the caller awaits `publish`."""
+        return None
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:

@@ -94,6 +94,9 @@ class MqttMeta:
         self.properties = properties
 
 
+_QOS0 = MqttMeta(0, False, None)  # shared: most device publications carry nothing else
+
+
 class SubscriptionValue:
     """One subscription of a session, as stored in the hub's filter trie."""
 
@@ -206,8 +209,9 @@ class SessionState:
         self.connection: MqttConnection | None = None
         self.subscriptions: dict[str, SubscriptionValue] = {}
         self.inflight: dict[int, Message] = {}  # by outbound packet id
-        self.awaiting_release: set[int] = set()  # inbound QoS 2 ids before their PUBREL
-        self.pending: deque[Message] = deque()
+        # Created on first use: most devices never need them (idle memory counts).
+        self.awaiting_release: set[int] | None = None  # inbound QoS 2 ids before PUBREL
+        self.pending: deque[Message] | None = None
         self.pending_bytes = 0
         self.next_packet_id = 1
         self.expiry = 0  # seconds the session outlives its connection
@@ -264,13 +268,16 @@ class SessionState:
     def _enqueue(self, message: Message) -> None:
         config = self.server.node.config.mqtt
         size = len(message.data)
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = deque()
         if (
-            len(self.pending) >= config.max_queued_messages
+            len(pending) >= config.max_queued_messages
             or self.pending_bytes + size > config.max_queued_bytes
         ):
             self.server.node.metrics.errors[int(ReasonCode.QUOTA_EXCEEDED)] += 1
             return  # dropped: the device is away or not acknowledging (counted)
-        self.pending.append(message)
+        pending.append(message)
         self.pending_bytes += size
 
     def _transmit(self, connection: MqttConnection, message: Message, dup: bool = False) -> None:
@@ -295,8 +302,9 @@ class SessionState:
         if connection is None:
             return
         now = self.server.node.loop.time()
-        while self.pending and len(self.inflight) < connection.receive_maximum:
-            message = self.pending.popleft()
+        pending = self.pending
+        while pending and len(self.inflight) < connection.receive_maximum:
+            message = pending.popleft()
             self.pending_bytes -= len(message.data)
             if message.expires_at:
                 remaining = int(message.expires_at - now)
@@ -353,6 +361,7 @@ class MqttConnection:
 
     __slots__ = (
         "alias_maximum",
+        "allowed",
         "bucket",
         "closed",
         "connected",
@@ -396,12 +405,14 @@ class MqttConnection:
         self.keep_alive = 0
         self.will: Will | None = None  # cleared by a normal DISCONNECT
         self.last_rx = node.loop.time()
-        self.inbound_aliases: dict[int, str] = {}
-        self.outbound_aliases: dict[str, int] = {}
+        self.inbound_aliases: dict[int, str] | None = None
+        # topic -> may this device publish there (the principal is fixed per connection).
+        self.allowed: dict[str, bool] = {}
+        self.outbound_aliases: dict[str, int] | None = None
         self.alias_maximum = 0  # topic aliases the device accepts from us (5.0)
         self.receive_maximum = 65535  # the device's (5.0), for our QoS 1/2 sends
         self.max_outgoing_packet = 268_435_460
-        self.bucket = TokenBucket(config.publishes_per_second, config.publish_burst, self.last_rx)
+        self.bucket: TokenBucket | None = None  # made at the first PUBLISH
         self.queue: list[Packet] = []
         self.runner: asyncio.Task[None] | None = None
         # A decoding error, acted on after the packets that came before it.
@@ -423,9 +434,71 @@ class MqttConnection:
             # The spec has the packets before the fault processed, in order, first.
             packets = exc.packets
             self.failure = exc
+        if self.runner is None:
+            # Handle at once what needs no waiting (QoS 0 publishes on a broker that can
+            # publish without waiting, pings, acks): no task, no coroutine per message.
+            done = 0
+            for packet in packets:
+                if not self._handle_now(packet):
+                    break
+                done += 1
+            if done:
+                packets = packets[done:]
+            if not packets and self.failure is None:
+                return
         self.queue.extend(packets)
         if self.runner is None:
             self.runner = self.node.loop.create_task(self._run())
+
+    def _rate_limited(self) -> bool:
+        now = self.node.loop.time()
+        bucket = self.bucket
+        if bucket is None:
+            config = self.node.config.mqtt
+            bucket = self.bucket = TokenBucket(
+                config.publishes_per_second, config.publish_burst, now
+            )
+        return bucket.take(now) > 0
+
+    def _handle_now(self, packet: Packet) -> bool:
+        """Handle `packet` synchronously if it can be; False when it needs the runner."""
+        if self.closed or not self.connected:
+            return False
+        if isinstance(packet, Publish):
+            if (
+                packet.qos
+                or packet.retain
+                or packet.properties is not None
+                or not self.node.broker.publishes_at_once
+            ):
+                return False
+            return self._publish_now(packet)
+        if isinstance(packet, PubAck):
+            assert self.state is not None
+            self.state.acknowledged(packet.packet_id)
+            return True
+        if isinstance(packet, PingReq):
+            self.send_packet(PingResp())
+            return True
+        return False
+
+    def _publish_now(self, packet: Publish) -> bool:
+        node, topic = self.node, packet.topic
+        assert self.principal is not None
+        allowed = self.allowed.get(topic)
+        if allowed is None:
+            return False  # first time on this topic: the full checks, in the runner
+        if not allowed or self._rate_limited():
+            return True  # QoS 0: nothing to answer; dropped like the runner would
+        node.publish_nowait(
+            topic,
+            packet.payload,
+            user=self.principal.user,
+            client=self.client_id,
+            source="mqtt",
+            meta=_QOS0,
+        )
+        return True
 
     async def _run(self) -> None:
         try:
@@ -460,7 +533,7 @@ class MqttConnection:
             elif state is not None:
                 state.acknowledged(packet.packet_id)
         elif isinstance(packet, PubRel):
-            if state is not None:
+            if state is not None and state.awaiting_release:
                 state.awaiting_release.discard(packet.packet_id)
             self.send_packet(PubComp(packet.packet_id))
         elif isinstance(packet, Subscribe):
@@ -528,6 +601,7 @@ class MqttConnection:
                 self.max_outgoing_packet = props.maximum_packet_size
             if v5 and props.topic_alias_maximum:
                 self.alias_maximum = props.topic_alias_maximum
+                self.outbound_aliases = {}
         # Only now, authenticated, may this connection touch an existing session.
         state, present = await self.server.take(client_id, principal, packet.clean_start, self)
         state.expiry = self._capped_expiry(expiry)
@@ -606,26 +680,32 @@ class MqttConnection:
             alias = props.topic_alias
             if not 0 < alias <= self.node.config.mqtt.topic_alias_maximum:
                 raise MqttError(ReasonCode.TOPIC_ALIAS_INVALID, f"topic alias {alias}")
+            aliases = self.inbound_aliases
+            if aliases is None:
+                aliases = self.inbound_aliases = {}
             if topic:
-                self.inbound_aliases[alias] = topic
+                aliases[alias] = topic
             else:
-                known = self.inbound_aliases.get(alias)
+                known = aliases.get(alias)
                 if known is None:
                     raise MqttError(ReasonCode.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                 topic = known
             props.topic_alias = None
         qos = packet.qos
         v5 = self.version == MQTT_5
-        if qos == 2 and packet.packet_id in state.awaiting_release:
+        awaiting = state.awaiting_release
+        if qos == 2 and awaiting is not None and packet.packet_id in awaiting:
             self.send_packet(PubRec(packet.packet_id))  # a re-sent QoS 2 PUBLISH: already taken
             return
-        if qos == 2 and len(state.awaiting_release) >= self.node.config.mqtt.receive_maximum:
+        if qos == 2 and awaiting and len(awaiting) >= self.node.config.mqtt.receive_maximum:
             raise MqttError(ReasonCode.RECEIVE_MAXIMUM_EXCEEDED, "too many unacknowledged")
         code = await self._accept_publication(topic, packet, props)
         if qos == 1:
             self.send_packet(PubAck(packet.packet_id, code if v5 else 0))
         elif qos == 2:
             if code < 0x80:
+                if state.awaiting_release is None:
+                    state.awaiting_release = set()
                 state.awaiting_release.add(packet.packet_id)
             self.send_packet(PubRec(packet.packet_id, code if v5 else 0))
 
@@ -635,11 +715,17 @@ class MqttConnection:
         """Publish into the hub; returns the 5.0 reason code for the acknowledgement."""
         node = self.node
         assert self.principal is not None
-        if channel_error(topic) is not None:
-            return ReasonCode.TOPIC_NAME_INVALID
-        if not node.may_publish(self.principal, topic):
+        allowed = self.allowed.get(topic)
+        if allowed is None:
+            if channel_error(topic) is not None:
+                return ReasonCode.TOPIC_NAME_INVALID
+            allowed = node.may_publish(self.principal, topic)
+            if len(self.allowed) >= 256:
+                self.allowed.clear()
+            self.allowed[topic] = allowed
+        if not allowed:
             return ReasonCode.NOT_AUTHORIZED
-        if self.bucket.take(node.loop.time()):
+        if self._rate_limited():
             return ReasonCode.QUOTA_EXCEEDED
         if props is not None and props.payload_format_indicator == 1:
             try:
@@ -749,12 +835,14 @@ class MqttConnection:
 
     def _aliased(self, channel: str, props: Properties | None) -> tuple[str, Properties | None]:
         """5.0 outbound topic alias: the topic once, then only its number."""
-        alias = self.outbound_aliases.get(channel)
+        aliases = self.outbound_aliases
+        assert aliases is not None  # set with alias_maximum
+        alias = aliases.get(channel)
         known = alias is not None
         if alias is None:
-            if len(self.outbound_aliases) >= self.alias_maximum:
+            if len(aliases) >= self.alias_maximum:
                 return channel, props
-            alias = self.outbound_aliases[channel] = len(self.outbound_aliases) + 1
+            alias = aliases[channel] = len(aliases) + 1
         aliased = Properties() if props is None else copy.copy(props)
         aliased.topic_alias = alias
         return ("" if known else channel), aliased
@@ -914,7 +1002,7 @@ class MqttServer:
         for topic_filter in list(state.subscriptions):
             await self.drop_subscription(state, topic_filter)
         state.subscriptions.clear()
-        state.pending.clear()
+        state.pending = None
         state.inflight.clear()
 
     def publish_will(self, state: SessionState, will: Will) -> None:

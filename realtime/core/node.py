@@ -334,6 +334,19 @@ class Node:
             self.metrics.publishes[source] += 1
         return result
 
+    def publish_nowait(
+        self, channel: str, data: bytes, *, user: str, client: str, source: str, meta: object
+    ) -> PublishResult | None:
+        """`publish` without waiting, when the broker can (the memory broker); None when it
+        cannot and the caller must await `publish`. The channel must be valid already."""
+        ns = self.namespace(channel)
+        result = self.broker.publish_nowait(
+            channel, data, user, client, ns.history, ns.config.idempotency_window, meta
+        )
+        if result is not None:
+            self.metrics.publishes[source] += 1
+        return result
+
     async def client_publish(self, session: Session, req: pb.PublishRequest) -> pb.PublishResult:
         principal = session.principal
         assert principal is not None

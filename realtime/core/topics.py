@@ -6,6 +6,7 @@ later, MQTT subscriptions, so WebSocket apps and MQTT devices share one permissi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -13,6 +14,9 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 MAX_CHANNEL_BYTES = 255
+# Wildcards, whitespace, control characters: one regex scan instead of a Python loop (this
+# runs on every publication).
+_FORBIDDEN = re.compile(r"[\x00-\x20\x7f+#]")
 
 
 def channel_error(channel: str) -> str | None:
@@ -23,9 +27,9 @@ def channel_error(channel: str) -> str | None:
         return f"channel name is longer than {MAX_CHANNEL_BYTES} bytes"
     if channel[0] == "$":
         return "channel names starting with '$' are reserved"
-    for char in channel:
-        if char in "+#" or char <= " " or char == "\x7f":
-            return f"channel name may not contain {char!r}"
+    bad = _FORBIDDEN.search(channel)
+    if bad is not None:
+        return f"channel name may not contain {bad.group()!r}"
     return None
 
 
@@ -77,14 +81,16 @@ def filter_covers(permission: str, topic_filter: str) -> bool:
 class FilterSet:
     """A set of filters with a fast path for exact names."""
 
-    __slots__ = ("exact", "wildcards")
+    __slots__ = ("everything", "exact", "wildcards")
 
     def __init__(self, filters: Iterable[str]) -> None:
+        filters = tuple(filters)
         self.exact: frozenset[str] = frozenset(f for f in filters if "+" not in f and "#" not in f)
         self.wildcards: tuple[str, ...] = tuple(f for f in filters if "+" in f or "#" in f)
+        self.everything = "#" in self.wildcards  # device tokens often grant "#"
 
     def matches(self, channel: str) -> bool:
-        if channel in self.exact:
+        if self.everything or channel in self.exact:
             return True
         return any(filter_matches(f, channel) for f in self.wildcards)
 
@@ -95,6 +101,9 @@ class FilterSet:
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.wildcards)
+
+
+_MEMO_SIZE = 4096
 
 
 class _Node(Generic[K, V]):
@@ -117,8 +126,12 @@ class FilterTrie(Generic[K, V]):
     def __init__(self) -> None:
         self._root: _Node[K, V] = _Node()
         self.size = 0
+        # channel -> match result; publications repeat channels, subscriptions change
+        # rarely: any add or remove clears it.
+        self._memo: dict[str, list[dict[K, V]]] = {}
 
     def add(self, topic_filter: str, member: K, value: V) -> None:
+        self._memo.clear()
         node = self._root
         levels = topic_filter.split("/")
         for level in levels:
@@ -138,6 +151,7 @@ class FilterTrie(Generic[K, V]):
         node.members[member] = value
 
     def remove(self, topic_filter: str, member: K) -> bool:
+        self._memo.clear()
         path: list[tuple[_Node[K, V], str]] = []
         node: _Node[K, V] | None = self._root
         for level in topic_filter.split("/"):
@@ -170,7 +184,16 @@ class FilterTrie(Generic[K, V]):
         return True
 
     def match(self, channel: str) -> list[dict[K, V]]:
-        """The member dicts of every filter that matches `channel`."""
+        """The member dicts of every filter that matches `channel` (do not modify)."""
+        found = self._memo.get(channel)
+        if found is None:
+            found = self._match(channel)
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            self._memo[channel] = found
+        return found
+
+    def _match(self, channel: str) -> list[dict[K, V]]:
         found: list[dict[K, V]] = []
         levels = channel.split("/")
         last = len(levels)
