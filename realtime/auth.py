@@ -22,6 +22,7 @@ from realtime.config import AuthConfig
 from realtime.core.topics import FilterSet, filter_error
 
 NO_FILTERS = FilterSet(())
+_NO_INFO: dict[str, Any] = {}  # shared by tokens without an info claim; read-only
 
 
 class AuthError(Exception):
@@ -78,20 +79,21 @@ class TokenVerifier:
         self._issuer = config.issuer or None
         self._leeway = config.leeway
         required = ["sub"] + (["exp"] if config.require_exp else [])
-        self._options: dict[str, Any] = {"require": required}
+        # Options bound once: passing them per call makes PyJWT build a merged dict per
+        # token, which the decoded claims keep alive for the connection's lifetime.
+        self._jwt = jwt.PyJWT(options={"require": required})
 
     def verify(self, token: str) -> Principal:
         if not token:
             raise AuthError("no token: send it in connect.token, ?token= or Authorization")
         try:
-            claims = jwt.decode(
+            claims = self._jwt.decode(
                 token,
                 self._key,
                 algorithms=[self.algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
-                options=self._options,  # type: ignore[arg-type]
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired", expired=True) from None
@@ -105,7 +107,7 @@ class TokenVerifier:
         device = claims.get("device", "")
         if not isinstance(device, str):
             raise AuthError("claim 'device' must be a string")
-        info = claims.get("info", {})
+        info = claims.get("info", _NO_INFO)
         if not isinstance(info, dict):
             raise AuthError("claim 'info' must be an object")
         exp = claims.get("exp", 0)

@@ -407,7 +407,7 @@ class MqttConnection:
         self.last_rx = node.loop.time()
         self.inbound_aliases: dict[int, str] | None = None
         # topic -> may this device publish there (the principal is fixed per connection).
-        self.allowed: dict[str, bool] = {}
+        self.allowed: dict[str, bool] | None = None
         self.outbound_aliases: dict[str, int] | None = None
         self.alias_maximum = 0  # topic aliases the device accepts from us (5.0)
         self.receive_maximum = 65535  # the device's (5.0), for our QoS 1/2 sends
@@ -485,7 +485,7 @@ class MqttConnection:
     def _publish_now(self, packet: Publish) -> bool:
         node, topic = self.node, packet.topic
         assert self.principal is not None
-        allowed = self.allowed.get(topic)
+        allowed = self.allowed.get(topic) if self.allowed is not None else None
         if allowed is None:
             return False  # first time on this topic: the full checks, in the runner
         if not allowed or self._rate_limited():
@@ -715,14 +715,17 @@ class MqttConnection:
         """Publish into the hub; returns the 5.0 reason code for the acknowledgement."""
         node = self.node
         assert self.principal is not None
-        allowed = self.allowed.get(topic)
+        cache = self.allowed
+        if cache is None:
+            cache = self.allowed = {}
+        allowed = cache.get(topic)
         if allowed is None:
             if channel_error(topic) is not None:
                 return ReasonCode.TOPIC_NAME_INVALID
             allowed = node.may_publish(self.principal, topic)
-            if len(self.allowed) >= 256:
-                self.allowed.clear()
-            self.allowed[topic] = allowed
+            if len(cache) >= 256:
+                cache.clear()
+            cache[topic] = allowed
         if not allowed:
             return ReasonCode.NOT_AUTHORIZED
         if self._rate_limited():

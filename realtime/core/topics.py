@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -106,14 +106,20 @@ class FilterSet:
 _MEMO_SIZE = 4096
 
 
+# Shared by every node until it needs a dict of its own: most nodes are leaves (a device's
+# own topic) that use one of the three, and idle memory per connection counts. Never
+# written to: every write site swaps in a fresh dict first.
+_NONE: dict[Any, Any] = {}
+
+
 class _Node(Generic[K, V]):
     __slots__ = ("children", "members", "multi", "single")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Node[K, V]] = {}
+        self.children: dict[str, _Node[K, V]] = _NONE
         self.single: _Node[K, V] | None = None  # the "+" child
-        self.multi: dict[K, V] = {}  # members of "<this level>/#"
-        self.members: dict[K, V] = {}  # members of a filter ending here
+        self.multi: dict[K, V] = _NONE  # members of "<this level>/#"
+        self.members: dict[K, V] = _NONE  # members of a filter ending here
 
     def empty(self) -> bool:
         return not (self.children or self.single or self.multi or self.members)
@@ -138,6 +144,8 @@ class FilterTrie(Generic[K, V]):
             if level == "#":
                 if member not in node.multi:
                     self.size += 1
+                if node.multi is _NONE:
+                    node.multi = {}
                 node.multi[member] = value
                 return
             if level == "+":
@@ -145,9 +153,16 @@ class FilterTrie(Generic[K, V]):
                     node.single = _Node()
                 node = node.single
             else:
-                node = node.children.setdefault(level, _Node())
+                child = node.children.get(level)
+                if child is None:
+                    if node.children is _NONE:
+                        node.children = {}
+                    child = node.children[level] = _Node()
+                node = child
         if member not in node.members:
             self.size += 1
+        if node.members is _NONE:
+            node.members = {}
         node.members[member] = value
 
     def remove(self, topic_filter: str, member: K) -> bool:
