@@ -33,17 +33,19 @@ import base64
 import contextlib
 import gc
 import hashlib
-import json
 import os
-import resource
 import struct
 import sys
 import time
+from pathlib import Path
 
-import jwt
 import uvloop
 
 from realtime.protocol import realtime_pb2 as pb
+
+# A script, not a package module: bench/ goes on the path for the shared bench/common.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import LoadGenBase, Stats, add_timeouts, loadgen_parser, mint_token, raise_nofile
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBPROTOCOL = "realtime.v1.proto"
@@ -111,20 +113,12 @@ def count_messages(data: bytes, pos: int, end: int) -> int:
     return n
 
 
-class Stats:
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.target = 0
-        self.reached: asyncio.Event | None = None
-        self.samples: list[tuple[int, bytes]] = []  # (receive monotonic_ns, frame payload)
-        self.errors: list[str] = []
+class RecordingStats(Stats):
+    """Stats, and the frames received in the latency mode (decoded after the run)."""
 
-    def arm(self, target: int) -> asyncio.Event:
-        self.target = target
-        self.reached = asyncio.Event()
-        if self.delivered >= target:
-            self.reached.set()
-        return self.reached
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: list[tuple[int, bytes]] = []  # (receive monotonic_ns, frame payload)
 
 
 class Client(asyncio.Protocol):
@@ -141,7 +135,7 @@ class Client(asyncio.Protocol):
         "waiter",
     )
 
-    def __init__(self, stats: Stats, host: str, port: int) -> None:
+    def __init__(self, stats: RecordingStats, host: str, port: int) -> None:
         self.stats = stats
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -281,17 +275,11 @@ def _first_message(frame: bytes) -> bytes:
         shift += 7
 
 
-class LoadGen:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.stats = Stats()
-        self.loop = asyncio.get_running_loop()
-        self.clients: list[Client] = []
-        self.publishers: list[Client] = []
-        self.secret = args.secret
+class LoadGen(LoadGenBase[Client]):
+    stats: RecordingStats
 
-    def token(self, user: str) -> str:
-        return jwt.encode({"sub": user, "exp": int(time.time()) + 3600}, self.secret, "HS256")
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args, RecordingStats())
 
     async def open_client(self, user: str, channel: str) -> tuple[Client, pb.Reply]:
         args = self.args
@@ -299,7 +287,7 @@ class LoadGen:
             lambda: Client(self.stats, args.host, args.port), args.host, args.port
         )
         await client.wait(args.step_timeout)  # 101 received
-        connect = pb.Command(id=1, connect=pb.ConnectRequest(token=self.token(user)))
+        connect = pb.Command(id=1, connect=pb.ConnectRequest(token=mint_token(args.secret, user)))
         reply = await client.request(delimited(connect.SerializeToString()), args.step_timeout)
         subscribe = pb.Command(id=2, subscribe=pb.SubscribeRequest(channel=channel))
         await client.request(delimited(subscribe.SerializeToString()), args.step_timeout)
@@ -338,18 +326,6 @@ class LoadGen:
             message = pb.Reply(push=pb.Push(channel=CHANNEL, pub=pub))
         return client_frame(delimited(message.SerializeToString()))
 
-    async def handshake_with_orchestrator(self) -> None:
-        print("READY", flush=True)
-        line = await self.loop.run_in_executor(None, sys.stdin.readline)
-        if line.strip() != "GO":
-            raise RuntimeError(f"expected GO from the orchestrator, got {line!r}")
-
-    def close_all(self) -> None:
-        for client in self.clients + self.publishers:
-            client.closing = True
-            if client.transport is not None:
-                client.transport.abort()
-
     # ------------------------------------------------------------------ modes
 
     async def throughput(self) -> dict[str, object]:
@@ -362,31 +338,7 @@ class LoadGen:
             self.publish_bytes(bytes([i % 256]) * PAYLOAD_BYTES, client_id)
             for i in range(args.burst)
         )
-        bursts = max(1, args.messages // args.burst)
-        await self.handshake_with_orchestrator()
-        stats = self.stats
-        start = time.perf_counter()
-        timeouts = 0
-        for i in range(bursts):
-            reached = stats.arm((i + 1) * args.n * args.burst)
-            publisher.transport.write(burst)  # type: ignore[union-attr]
-            try:
-                await asyncio.wait_for(reached.wait(), args.burst_timeout)
-            except TimeoutError:
-                timeouts += 1
-                break
-        elapsed = time.perf_counter() - start
-        print("DONE", flush=True)
-        sent = bursts * args.burst
-        return {
-            "mode": "throughput",
-            "n": args.n,
-            "messages": sent,
-            "expected": sent * args.n,
-            "delivered": stats.delivered,
-            "elapsed": elapsed,
-            "timeouts": timeouts,
-        }
+        return await self.timed_bursts(publisher, burst, own_cpu=False)
 
     async def latency(self) -> dict[str, object]:
         args = self.args
@@ -452,42 +404,21 @@ class LoadGen:
             "max_ms": latencies[-1] if latencies else float("nan"),
         }
 
-    async def idle(self) -> dict[str, object]:
-        start = time.perf_counter()
+    async def open_idle(self) -> None:
         await self.open_subscribers(self.args.n)
-        opened = time.perf_counter() - start
-        await self.handshake_with_orchestrator()
-        alive = sum(1 for c in self.clients if c.transport is not None)
-        print("DONE", flush=True)
-        return {"mode": "idle", "n": self.args.n, "alive": alive, "open_seconds": opened}
 
 
 async def main(args: argparse.Namespace) -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    loadgen = LoadGen(args)
-    result: dict[str, object]
-    try:
-        async with asyncio.timeout(args.deadline):
-            result = await getattr(loadgen, args.mode)()
-    finally:
-        loadgen.close_all()
-    result["server"] = args.server
-    result["errors"] = loadgen.stats.errors[:5]
-    result["error_count"] = len(loadgen.stats.errors)
-    print(json.dumps(result), flush=True)
+    raise_nofile()
+    await LoadGen(args).run()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="fan-out load generator (see module doc)")
-    parser.add_argument("mode", choices=["throughput", "latency", "idle"])
-    parser.add_argument("--server", choices=["gateway", "reference"], required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("BENCH_HMAC_SECRET", ""),
-        help="HS256 secret for connect tokens (default: $BENCH_HMAC_SECRET)",
+    parser = loadgen_parser(
+        "fan-out load generator (see module doc)",
+        ["throughput", "latency", "idle"],
+        ["gateway", "reference"],
+        "HS256 secret for connect tokens (default: $BENCH_HMAC_SECRET)",
     )
     parser.add_argument("-n", type=int, default=100, help="subscribers (idle: connections)")
     parser.add_argument("--messages", type=int, default=1000, help="throughput: publishes")
@@ -495,9 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=20.0, help="latency: publishes/second")
     parser.add_argument("--duration", type=float, default=5.0, help="latency: seconds")
     parser.add_argument("--batch", type=int, default=200, help="connections opened at once")
-    parser.add_argument("--step-timeout", type=float, default=20.0)
-    parser.add_argument("--burst-timeout", type=float, default=30.0)
-    parser.add_argument("--deadline", type=float, default=150.0, help="hard limit, seconds")
+    add_timeouts(parser)
     return parser.parse_args(argv)
 
 

@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
-import resource
 import socket
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
-import jwt
 import uvloop
 
 from realtime.mqtt import (
@@ -53,6 +50,10 @@ from realtime.mqtt import (
     encode_publish,
 )
 
+# A script, not a package module: bench/ goes on the path for the shared bench/common.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import LoadGenBase, Stats, add_timeouts, loadgen_parser, mint_token, raise_nofile
+
 TOPIC = "bench/mqtt"
 IDLE_TOPIC = "bench/idle/{}"
 PAYLOAD_BYTES = 100
@@ -60,21 +61,6 @@ KEEP_ALIVE = 300
 VERSION = MQTT_3_1_1
 
 SETUP, COUNT = 0, 1
-
-
-class Stats:
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.target = 0
-        self.reached: asyncio.Event | None = None
-        self.errors: list[str] = []
-
-    def arm(self, target: int) -> asyncio.Event:
-        self.target = target
-        self.reached = asyncio.Event()
-        if self.delivered >= target:
-            self.reached.set()
-        return self.reached
 
 
 class Client(asyncio.Protocol):
@@ -182,23 +168,14 @@ class Client(asyncio.Protocol):
         return self.packets.pop(0)
 
 
-class LoadGen:
+class LoadGen(LoadGenBase[Client]):
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.stats = Stats()
-        self.loop = asyncio.get_running_loop()
-        self.clients: list[Client] = []
+        super().__init__(args, Stats())
 
     def password(self, user: str) -> bytes:
         if self.args.server != "gateway":
             return b"mosquitto-ignores-this"
-        claims = {
-            "sub": user,
-            "exp": int(time.time()) + 3600,
-            "subscribe": ["#"],
-            "publish": ["#"],
-        }
-        return jwt.encode(claims, self.args.secret, "HS256").encode()
+        return mint_token(self.args.secret, user, subscribe=["#"], publish=["#"]).encode()
 
     async def connect(self, index: int | None) -> Client:
         """A TCP connection; idle clients bind source port `--source-port` + index first.
@@ -268,105 +245,39 @@ class LoadGen:
         gc.collect()
         gc.freeze()
 
-    async def handshake_with_orchestrator(self) -> None:
-        print("READY", flush=True)
-        line = await self.loop.run_in_executor(None, sys.stdin.readline)
-        if line.strip() != "GO":
-            raise RuntimeError(f"expected GO from the orchestrator, got {line!r}")
-
-    def close_all(self) -> None:
-        for client in self.clients:
-            client.closing = True
-            if client.transport is not None:
-                client.transport.abort()
-
     # ------------------------------------------------------------------ modes
 
     async def throughput(self) -> dict[str, object]:
         args = self.args
         await self.open_many(args.n, lambda i: TOPIC)
         publisher = await self.open_client(f"publisher-{os.getpid()}", None, None)
-        self.clients.append(publisher)
+        self.publishers.append(publisher)
         burst = b"".join(
             encode_publish(TOPIC, bytes([i % 256]) * PAYLOAD_BYTES, 0, False, False, 0, VERSION)
             for i in range(args.burst)
         )
-        stats = self.stats
-        per_burst = args.n * args.burst
         # Warm-up: one burst, not measured.
-        reached = stats.arm(per_burst)
+        reached = self.stats.arm(args.n * args.burst)
         publisher.transport.write(burst)  # type: ignore[union-attr]
         await asyncio.wait_for(reached.wait(), args.burst_timeout)
-        stats.delivered = 0
-        bursts = max(1, args.messages // args.burst)
-        await self.handshake_with_orchestrator()
-        start = time.perf_counter()
-        cpu0 = time.process_time()
-        timeouts = 0
-        for i in range(bursts):
-            reached = stats.arm((i + 1) * per_burst)
-            publisher.transport.write(burst)  # type: ignore[union-attr]
-            try:
-                await asyncio.wait_for(reached.wait(), args.burst_timeout)
-            except TimeoutError:
-                timeouts += 1
-                break
-        elapsed = time.perf_counter() - start
-        loadgen_cpu = time.process_time() - cpu0
-        print("DONE", flush=True)
-        sent = bursts * args.burst
-        return {
-            "mode": "throughput",
-            "n": args.n,
-            "messages": sent,
-            "expected": sent * args.n,
-            "delivered": stats.delivered,
-            "elapsed": elapsed,
-            "loadgen_cpu": loadgen_cpu,
-            "timeouts": timeouts,
-        }
+        self.stats.delivered = 0
+        return await self.timed_bursts(publisher, burst, own_cpu=True)
 
-    async def idle(self) -> dict[str, object]:
-        start = time.perf_counter()
+    async def open_idle(self) -> None:
         await self.open_many(self.args.n, IDLE_TOPIC.format)
-        opened = time.perf_counter() - start
-        await self.handshake_with_orchestrator()
-        alive = sum(1 for c in self.clients if c.transport is not None)
-        print("DONE", flush=True)
-        return {"mode": "idle", "n": self.args.n, "alive": alive, "open_seconds": opened}
 
 
 async def main(args: argparse.Namespace) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = args.n + 256
-    if soft < want:
-        try:  # root may raise the hard limit too
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
-        except (ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    loadgen = LoadGen(args)
-    result: dict[str, object]
-    try:
-        async with asyncio.timeout(args.deadline):
-            result = await getattr(loadgen, args.mode)()
-    finally:
-        loadgen.close_all()
-    result["server"] = args.server
-    result["errors"] = loadgen.stats.errors[:5]
-    result["error_count"] = len(loadgen.stats.errors)
-    print(json.dumps(result), flush=True)
+    raise_nofile(args.n + 256)  # the clients' sockets, and some room
+    await LoadGen(args).run()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="MQTT load generator (see module doc)")
-    parser.add_argument("mode", choices=["throughput", "idle"])
-    parser.add_argument("--server", choices=["gateway", "mosquitto"], required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument(
-        "--secret",
-        default=os.environ.get("BENCH_HMAC_SECRET", ""),
-        help="HS256 secret for the gateway's tokens (default: $BENCH_HMAC_SECRET)",
+    parser = loadgen_parser(
+        "MQTT load generator (see module doc)",
+        ["throughput", "idle"],
+        ["gateway", "mosquitto"],
+        "HS256 secret for the gateway's tokens (default: $BENCH_HMAC_SECRET)",
     )
     parser.add_argument("-n", type=int, default=1, help="subscribers (idle: connections)")
     parser.add_argument("--first", type=int, default=0, help="idle: index of the first client")
@@ -379,9 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="idle: client i binds this port + i (0: the kernel chooses)",
     )
-    parser.add_argument("--step-timeout", type=float, default=20.0)
-    parser.add_argument("--burst-timeout", type=float, default=30.0)
-    parser.add_argument("--deadline", type=float, default=150.0, help="hard limit, seconds")
+    add_timeouts(parser)
     return parser.parse_args(argv)
 
 

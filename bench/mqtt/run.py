@@ -27,41 +27,51 @@ is not installed (2); every child process is stopped by PID before exiting.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import importlib.metadata
-import importlib.util
 import json
-import math
 import os
-import platform
-import queue
 import resource
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# A script, not a package module: bench/ goes on the path for the shared bench/common.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import (
+    LOADGEN_CPU,
+    LoadGenProcess,
+    MachineLoad,
+    ServerProcess,
+    Spawn,
+    attempt,
+    fmt,
+    free_port,
+    gateway_command,
+    machine,
+    measure_idle,
+    measure_throughput,
+    medians,
+    orchestrator_parser,
+    pin,
+    raise_nofile,
+    report_footer,
+    report_header,
+    run_script,
+    server_env,
+    target_line,
+    with_server,
+)
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 LOADGEN = HERE / "loadgen.py"
 GATEWAY_CONFIG = HERE / "gateway.toml"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Children need the `realtime` package: this interpreter, or the repository's virtualenv.
-PYTHON = sys.executable
-if importlib.util.find_spec("realtime") is None and (REPO / ".venv/bin/python").exists():
-    PYTHON = str(REPO / ".venv/bin/python")
 SERVERS = ("gateway", "mosquitto")
+MEASUREMENTS = ("throughput", "idle")
 
 # Throughput cases: (label, subscribers, messages per run); `repeats` runs of each (the
 # median counts). Message counts give mosquitto, the slower of the two here, 2-4 s a run.
@@ -94,96 +104,7 @@ MOSQUITTO_MISSING = (
 )
 
 
-# ----------------------------------------------------------------------------- /proc
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process, all threads, in seconds, from the scheduler's
-    runtime in /proc/<pid>/task/*/schedstat (ns); falls back to /proc/<pid>/stat (ticks)."""
-    try:
-        total = 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        if total:
-            return total / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    return sum(stat_user_system(pid))
-
-
-def stat_user_system(pid: int) -> tuple[float, float]:
-    """utime and stime from /proc/<pid>/stat (all threads), in seconds (tick resolution)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class MachineLoad:
-    """How busy the machine was apart from this benchmark: /proc/stat over the whole run,
-    minus the CPU time of this process and its (reaped) children."""
-
-    def __init__(self) -> None:
-        self.stat0 = self._stat()
-        self.ours0 = self._ours()
-
-    @staticmethod
-    def _stat() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(v) for v in f.readline().split()[1:]]
-
-    @staticmethod
-    def _ours() -> float:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-    def summary(self) -> tuple[float, float]:
-        """(share of all CPUs used by others, share stolen by the hypervisor)."""
-        stat1 = self._stat()
-        delta = [b - a for a, b in zip(self.stat0, stat1, strict=False)]
-        total = sum(delta[:8]) or 1  # user nice system idle iowait irq softirq steal
-        busy = (delta[0] + delta[1] + delta[2] + delta[5] + delta[6]) / CLK_TCK
-        ours = self._ours() - self.ours0
-        return max(0.0, busy - ours) / (total / CLK_TCK), delta[7] / total
-
-
-CPUS = sorted(os.sched_getaffinity(0))
-SERVER_CPU, LOADGEN_CPU = 0, 1  # indexes into CPUS
-
-
-def pin(pid: int, which: int) -> None:
-    """Pin to the first (broker) or second (load generator, orchestrator) usable CPU."""
-    if len(CPUS) >= 2:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, {CPUS[which]})
-
-
-def raise_nofile(want: int) -> int:
-    """Raise this process's descriptor limit (inherited by the brokers and load generators):
-    to `want` when allowed (root may raise the hard limit), else to the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= want:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+# ----------------------------------------------------------------------------- setup
 
 
 def idle_clients(asked: int, limit: int) -> int:
@@ -249,144 +170,31 @@ connection_messages false
 # ----------------------------------------------------------------------------- processes
 
 
-class ServerProcess:
-    """One broker process on a free port; stopped with SIGTERM (then SIGKILL) by PID."""
+class Broker(ServerProcess):
+    """The gateway (`realtime serve` with bench/mqtt/gateway.toml) or mosquitto."""
 
     def __init__(self, kind: str, logdir: Path, secret: str, mosquitto: str | None) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.secret = secret
-        self.log_path = logdir / f"{kind}-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        if kind == "gateway":
-            cmd = [PYTHON, "-m", "realtime", "serve", "--config", str(GATEWAY_CONFIG)]
-            env.update(
-                REALTIME_MQTT__PORT=str(self.port),
-                REALTIME_SERVER__PORT=str(free_port()),
-                REALTIME_API__PORT=str(free_port()),
-                REALTIME_AUTH__HMAC_SECRET=secret,
-                REALTIME_API__KEY=secrets.token_urlsafe(24),
-            )
-            self.banner: str | None = f"mqtt://127.0.0.1:{self.port}"
-        else:
-            assert mosquitto is not None
-            conf = logdir / f"mosquitto-{self.port}.conf"
-            self.broker_log = logdir / f"mosquitto-{self.port}.broker.log"
-            # As root, mosquitto switches to the `mosquitto` user, which may not write the
-            # log in our private temp dir: stay root (loopback only, for a few seconds).
-            user = "user root\n" if os.geteuid() == 0 else ""
-            conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=self.broker_log, user=user))
-            cmd = [mosquitto, "-c", str(conf)]
-            self.banner = None  # ready when the port accepts
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
-        self.pid = self.proc.pid
-        pin(self.pid, SERVER_CPU)
+        self.mosquitto = mosquitto
+        super().__init__(kind, logdir, secret)
 
-    def _ready(self) -> bool:
-        if self.banner is not None:
-            return self.banner in self.log_path.read_text(errors="replace")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited at start:\n{self.log_text()}")
-            if self._ready():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} not ready after {timeout}s:\n{self.log_text()}")
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        if self.kind == "gateway":
+            self.banner = f"mqtt://127.0.0.1:{self.port}"
+            return gateway_command(GATEWAY_CONFIG, self.secret, MQTT=self.port, SERVER=free_port())
+        assert self.mosquitto is not None
+        conf = self.logdir / f"mosquitto-{self.port}.conf"
+        self.broker_log = self.logdir / f"mosquitto-{self.port}.broker.log"
+        # As root, mosquitto switches to the `mosquitto` user, which may not write the
+        # log in our private temp dir: stay root (loopback only, for a few seconds).
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=self.broker_log, user=user))
+        return [self.mosquitto, "-c", str(conf)], server_env()  # ready when the port accepts
 
     def log_text(self) -> str:
         text = self.log_path.read_text(errors="replace")
         if self.kind == "mosquitto" and self.broker_log.exists():
             text += self.broker_log.read_text(errors="replace")
         return text[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-
-
-class LoadGenProcess:
-    """bench/mqtt/loadgen.py with the READY/GO/DONE/result line protocol."""
-
-    def __init__(self, server: ServerProcess, mode: str, options: list[str]) -> None:
-        cmd = [
-            PYTHON,
-            str(LOADGEN),
-            mode,
-            "--server",
-            server.kind,
-            "--port",
-            str(server.port),
-            *options,
-        ]
-        env = dict(os.environ, BENCH_HMAC_SECRET=server.secret)
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
-        )
-        pin(self.proc.pid, LOADGEN_CPU)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, word: str, timeout: float) -> None:
-        line = self._next(timeout)
-        if line != word:
-            if line is not None and line.startswith("{"):
-                result = json.loads(line)
-                raise RuntimeError(f"loadgen: expected {word}, got errors {result['errors']}")
-            raise RuntimeError(f"loadgen: expected {word}, got {line!r}")
-
-    def _next(self, timeout: float) -> str | None:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"loadgen: nothing within {timeout:.0f}s") from None
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("GO\n")
-        self.proc.stdin.flush()
-
-    def result(self, timeout: float = 60.0) -> dict[str, Any]:
-        line = self._next(timeout)
-        if line is None:
-            raise RuntimeError(f"loadgen exited with {self.proc.wait()} and no result")
-        result: dict[str, Any] = json.loads(line)
-        self.proc.wait(timeout)
-        if result.get("error_count"):
-            raise RuntimeError(f"loadgen saw {result['error_count']} errors: {result['errors']}")
-        return result
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -401,20 +209,7 @@ class Results:
     @property
     def throughput(self) -> dict[tuple[str, str], dict[str, Any]]:
         """The median run (by deliveries per CPU-second) of each (server, case)."""
-        out = {}
-        for key, runs in self.runs.items():
-            ordered = sorted(runs, key=lambda r: r["per_cpu_second"])
-            median = dict(ordered[(len(ordered) - 1) // 2])
-            median["repeats"] = len(runs)
-            median["spread"] = (
-                ordered[-1]["per_cpu_second"] - ordered[0]["per_cpu_second"]
-            ) / median["per_cpu_second"]
-            out[key] = median
-        return out
-
-
-Spawn = Callable[[str, list[str]], LoadGenProcess]
-Body = Callable[[ServerProcess, Spawn], dict[str, Any]]
+        return medians(self.runs)
 
 
 @dataclass
@@ -423,41 +218,13 @@ class Context:
     secret: str
     mosquitto: str | None
 
-
-def with_server(kind: str, ctx: Context, body: Body) -> dict[str, Any]:
-    server = ServerProcess(kind, ctx.logdir, ctx.secret, ctx.mosquitto)
-    loadgens: list[LoadGenProcess] = []
-    try:
-        server.wait_ready()
-
-        def spawn(mode: str, options: list[str]) -> LoadGenProcess:
-            loadgen = LoadGenProcess(server, mode, options)
-            loadgens.append(loadgen)
-            return loadgen
-
-        result: dict[str, Any] = body(server, spawn)
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{kind} died during the run:\n{server.log_text()}")
-        return result
-    finally:
-        for loadgen in loadgens:
-            loadgen.stop()
-        server.stop()
+    def broker(self, kind: str) -> Broker:
+        return Broker(kind, self.logdir, self.secret, self.mosquitto)
 
 
 def run_throughput(kind: str, n: int, messages: int, ctx: Context) -> dict[str, Any]:
     def body(server: ServerProcess, spawn: Spawn) -> dict[str, Any]:
-        lg = spawn("throughput", ["-n", str(n), "--messages", str(messages), "--burst", str(BURST)])
-        lg.expect("READY", 120)
-        cpu0, (user0, sys0) = cpu_seconds(server.pid), stat_user_system(server.pid)
-        lg.go()
-        lg.expect("DONE", 150)
-        cpu = cpu_seconds(server.pid) - cpu0
-        user1, sys1 = stat_user_system(server.pid)
-        result = lg.result()
-        result.update(server_cpu=cpu, server_user_stat=user1 - user0, server_sys_stat=sys1 - sys0)
-        result["per_cpu_second"] = result["delivered"] / cpu if cpu > 0 else math.nan
-        result["per_second"] = result["delivered"] / result["elapsed"]
+        result = measure_throughput(server, spawn, n, messages, BURST)
         if result["delivered"] != result["expected"]:
             raise RuntimeError(
                 f"delivered {result['delivered']:,} of {result['expected']:,}"
@@ -465,90 +232,43 @@ def run_throughput(kind: str, n: int, messages: int, ctx: Context) -> dict[str, 
             )
         return result
 
-    return with_server(kind, ctx, body)
+    return with_server(ctx.broker(kind), LOADGEN, body)
 
 
 def run_idle(kind: str, count: int, ctx: Context) -> dict[str, Any]:
     def body(server: ServerProcess, spawn: Spawn) -> dict[str, Any]:
-        time.sleep(0.5)
-        before = rss_kib(server.pid)
-        loadgens = []
-        base = source_port_base(count)
-        for first in range(0, count, IDLE_PER_LOADGEN):
-            n = min(IDLE_PER_LOADGEN, count - first)
-            options = ["-n", str(n), "--first", str(first), "--batch", str(IDLE_BATCH)]
-            options += ["--source-port", str(base)]
-            loadgens.append(spawn("idle", options))
-        for lg in loadgens:
-            lg.expect("READY", 150)
-        time.sleep(1.0)  # let the broker finish any work triggered by the last connections
-        after = rss_kib(server.pid)
-        for lg in loadgens:
-            lg.go()
-        for lg in loadgens:
-            lg.expect("DONE", 60)
-        results = [lg.result() for lg in loadgens]
+        def spawn_all() -> list[LoadGenProcess]:
+            loadgens = []
+            base = source_port_base(count)
+            for first in range(0, count, IDLE_PER_LOADGEN):
+                n = min(IDLE_PER_LOADGEN, count - first)
+                options = ["-n", str(n), "--first", str(first), "--batch", str(IDLE_BATCH)]
+                options += ["--source-port", str(base)]
+                loadgens.append(spawn("idle", options))
+            return loadgens
+
+        before, after, results = measure_idle(server, spawn_all)
         alive = sum(r["alive"] for r in results)
         if alive != count:
             raise RuntimeError(f"only {alive:,} of {count:,} connections alive at the end")
         return {
             "n": count,
-            "loadgens": len(loadgens),
+            "loadgens": len(results),
             "open_seconds": max(r["open_seconds"] for r in results),
             "rss_before_kib": before,
             "rss_after_kib": after,
             "kib_per_connection": (after - before) / count,
         }
 
-    return with_server(kind, ctx, body)
-
-
-def attempt(results: Results, label: str, fn: Any, *args: Any) -> dict[str, Any] | None:
-    start = time.monotonic()
-    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    try:
-        result: dict[str, Any] = fn(*args)
-    except Exception as exc:  # report, go on with the other runs
-        print(f" FAILED ({exc})", file=sys.stderr, flush=True)
-        results.failures.append(f"{label}: {exc}")
-        return None
-    print(f" {time.monotonic() - start:.1f}s", file=sys.stderr, flush=True)
-    return result
+    return with_server(ctx.broker(kind), LOADGEN, body)
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def machine(mosquitto: str | None) -> dict[str, str]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        uvloop_version = importlib.metadata.version("uvloop")
-    except importlib.metadata.PackageNotFoundError:
-        uvloop_version = "-"
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "nproc": str(os.cpu_count()),
-        "cpu": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": uvloop_version,
-        "mosquitto": mosquitto_version(mosquitto) if mosquitto else "mosquitto not installed",
-    }
-
-
-def fmt(value: Any, spec: str = ",.0f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else ("PASS" if ok else "MISS")
+def machine_info(mosquitto: str | None) -> dict[str, str]:
+    version = mosquitto_version(mosquitto) if mosquitto else "mosquitto not installed"
+    return {**machine("uvloop"), "mosquitto": version}
 
 
 def report(
@@ -560,16 +280,13 @@ def report(
     only: set[str],
     mosquitto: str | None,
 ) -> str:
-    m = machine(mosquitto)
-    others, steal = load.summary()
-    lines = [
+    m = machine_info(mosquitto)
+    lines = report_header(
         f"MQTT benchmark: gateway vs mosquitto ({mode})  {m['date']}",
-        f"machine: nproc={m['nproc']}  cpu={m['cpu']}  kernel={m['kernel']}",
+        m,
         f"python {m['python']}  uvloop {m['uvloop']}  {m['mosquitto']}",
-        f"other load during the run: {100 * others:.0f}% of all CPUs used by other processes,"
-        f" {100 * steal:.0f}% stolen by the hypervisor"
-        + ("  (WARNING: noisy results)" if others > 0.05 or steal > 0.05 else ""),
-    ]
+        load,
+    )
     targets = []
     if "throughput" in only:
         lines += ["", *throughput_section(results, plan)]
@@ -579,11 +296,9 @@ def report(
             mq = throughput.get(("mosquitto", case))
             ratio = gw["per_cpu_second"] / mq["per_cpu_second"] if gw and mq else None
             what = "messages" if n == 1 else "deliveries"
-            label = f"{case} {what} per CPU-second >= {TARGETS[case]:.1f}x mosquitto"
-            targets.append(
-                f"  {label:<54} {fmt(ratio, '.2f'):>7}  "
-                f"{verdict(None if ratio is None else ratio >= TARGETS[case])}"
-            )
+            target = TARGETS[case]
+            label = f"{case} {what} per CPU-second >= {target:.1f}x mosquitto"
+            targets.append(target_line(label, 54, ratio, ">=", target))
     if "idle" in only:
         lines += ["", *idle_section(results, plan)]
         for count in plan["idle"]:
@@ -592,21 +307,9 @@ def report(
             mq_kib = results.idle.get(("mosquitto", count), {}).get("kib_per_connection")
             clients = gw.get("n", count)
             label = f"RSS per idle MQTT connection <= {TARGET_IDLE_KIB:g} KiB ({clients:,} clients)"
-            targets.append(
-                f"  {label:<54} {fmt(kib, '.2f'):>7}  "
-                f"{verdict(None if kib is None else kib <= TARGET_IDLE_KIB)}"
-                f"  (mosquitto {fmt(mq_kib, '.2f')})"
-            )
-    failed = f"; {len(results.failures)} run(s) failed" if results.failures else ""
-    lines += [
-        "",
-        "Targets (gateway; informational)",
-        *targets,
-        "",
-        f"total {elapsed:.0f} s{failed}",
-    ]
-    for failure in results.failures:
-        lines.append(f"  FAILED {failure}")
+            note = f"  (mosquitto {fmt(mq_kib, '.2f')})"
+            targets.append(target_line(label, 54, kib, "<=", TARGET_IDLE_KIB, note))
+    lines += report_footer(targets, elapsed, results.failures)
     return "\n".join(lines)
 
 
@@ -680,19 +383,13 @@ def idle_section(results: Results, plan: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="MQTT benchmark: gateway vs mosquitto")
-    parser.add_argument("--quick", action="store_true", help="~40 s smoke run")
-    parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
-    parser.add_argument(
-        "--only",
-        choices=["throughput", "idle"],
-        action="append",
-        help="run only these measurements (repeatable)",
+    parser = orchestrator_parser(
+        "MQTT benchmark: gateway vs mosquitto", "~40 s smoke run", MEASUREMENTS
     )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
-    only = set(args.only or ["throughput", "idle"])
+    only = set(args.only or MEASUREMENTS)
     mosquitto = mosquitto_binary()
     if mosquitto is None:
         print(MOSQUITTO_MISSING, file=sys.stderr)
@@ -710,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             for count in plan["idle"]:
                 for kind in SERVERS:
                     label = f"{kind} idle C={count:,}"
-                    r = attempt(results, label, run_idle, kind, idle_clients(count, limit), ctx)
+                    r = attempt(
+                        results.failures, label, run_idle, kind, idle_clients(count, limit), ctx
+                    )
                     if r:
                         results.idle[(kind, count)] = r
         if "throughput" in only:
@@ -718,14 +417,14 @@ def main(argv: list[str] | None = None) -> int:
                 for case, n, messages in plan["throughput"]:
                     for kind in SERVERS:
                         label = f"{kind} {case} ({rep + 1}/{plan['repeats']})"
-                        r = attempt(results, label, run_throughput, kind, n, messages, ctx)
+                        r = attempt(results.failures, label, run_throughput, kind, n, messages, ctx)
                         if r:
                             results.runs.setdefault((kind, case), []).append(r)
     elapsed = time.monotonic() - started
     print(report(results, plan, mode, elapsed, load, only, mosquitto))
     if args.json:
         raw = {
-            "machine": machine(mosquitto),
+            "machine": machine_info(mosquitto),
             "mode": mode,
             "throughput": [
                 {"case": case, **r} for (_, case), runs in results.runs.items() for r in runs
@@ -738,8 +437,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # children were stopped on the way out
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)
