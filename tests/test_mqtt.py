@@ -395,8 +395,10 @@ async def test_protocol_violations_after_connect(
 # ----------------------------------------------------------------------------- mosquitto
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="needs mosquitto-clients")
 async def test_mosquitto_clients(mqtt_gateway: Gateway, clients: list[RawClient]) -> None:
+    assert shutil.which("mosquitto_sub") and shutil.which("mosquitto_pub"), (
+        "mosquitto-clients is missing: ./scripts/test.sh installs it (apt-get)"
+    )
     token = make_token("mosq")
     args = ["-h", "127.0.0.1", "-p", str(port(mqtt_gateway)), "-u", "mosq", "-P", token]
     sub = await asyncio.create_subprocess_exec(

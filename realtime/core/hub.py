@@ -62,7 +62,6 @@ class Hub:
         self.channels: dict[str, Channel] = {}
         self.filters: FilterTrie[FilterSubscriber, object] = FilterTrie()
         self.deliveries = 0  # messages handed to outbound queues, for metrics
-        self.publications = 0
 
     def add(self, channel: str, outbound: Outbound, fmt: WireFormat, *, buffering: bool) -> bool:
         """Add a subscriber; True when it is the channel's first on this node."""
@@ -109,7 +108,6 @@ class Hub:
         ch = self.channels.get(channel)
         if ch is None:
             return
-        self.publications += 1
         for fmt, outbounds in ch.groups.items():
             payload = fmt.encode_publication(
                 channel, pub.offset, pub.data, pub.user, pub.client, pub.tags
