@@ -279,3 +279,17 @@ async def test_outbound_topic_aliases(gateway: Gateway) -> None:
     # Only one alias allowed: a new topic travels in full, without an alias.
     assert other.topic == "a/second" and not (other.properties and other.properties.topic_alias)
     device.disconnect()
+
+
+async def test_client_id_of_another_user_is_refused(gateway: Gateway) -> None:
+    owner = RawDevice(gateway)
+    await owner.connect("shared-id", clean=False, expiry=60)
+    await owner.subscribe("own/#")
+    other = RawDevice(gateway)
+    other.reader, other.writer = await asyncio.open_connection("127.0.0.1", other.port)
+    other.send(Connect("shared-id", username="mallory", password=make_token("mallory").encode()))
+    ack = await other.next(ConnAck)
+    assert ack.reason_code == 0x85  # client identifier not valid
+    await publish(gateway, "own/1", "still the owner's")  # the owner's session is untouched
+    assert json.loads((await owner.next(Publish)).payload) == "still the owner's"
+    owner.disconnect()

@@ -602,7 +602,12 @@ class MqttConnection:
             if v5 and props.topic_alias_maximum:
                 self.alias_maximum = props.topic_alias_maximum
                 self.outbound_aliases = {}
-        # Only now, authenticated, may this connection touch an existing session.
+        # Only now, authenticated, may this connection touch an existing session, and only
+        # one of its own user: a token for someone else must not kick or wipe theirs.
+        existing = self.server.sessions.get(client_id)
+        if existing is not None and existing.principal.user != principal.user:
+            self._refuse(ConnectReturnCode.IDENTIFIER_REJECTED, "client id in use by another user")
+            return
         state, present = await self.server.take(client_id, principal, packet.clean_start, self)
         state.expiry = self._capped_expiry(expiry)
         self.state = state
@@ -945,7 +950,7 @@ class MqttServer:
             # 5.0: a will with a delay is not sent when the session goes on right away.
             if will is not None and not (will.properties and will.properties.will_delay_interval):
                 self.publish_will(state, will)
-        if state is not None and (clean_start or state.principal.user != principal.user):
+        if state is not None and clean_start:
             await self._discard(state)
             state = None
         if state is None:
