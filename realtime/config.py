@@ -151,9 +151,9 @@ class NamespaceConfig:
     history_meta_ttl: float = 86_400.0
     # "token": the token's `subscribe` claim must match; "authenticated": any client.
     subscribe: str = "token"
-    # "none": only the server API publishes; "token": the `publish` claim must match;
-    # "authenticated": any connected client.
-    publish: str = "none"
+    # "token": the token's `publish` claim must match (a token without one publishes
+    # nowhere); "none": only the server API publishes; "authenticated": any client.
+    publish: str = "token"
     # A publish repeating an idempotency key within this many seconds is not repeated.
     idempotency_window: float = 300.0
 

@@ -488,8 +488,11 @@ class MqttConnection:
         allowed = self.allowed.get(topic) if self.allowed is not None else None
         if allowed is None:
             return False  # first time on this topic: the full checks, in the runner
-        if not allowed or self._rate_limited():
-            return True  # QoS 0: nothing to answer; dropped like the runner would
+        if not allowed:
+            node.metrics.errors[int(ReasonCode.NOT_AUTHORIZED)] += 1
+            return True  # QoS 0: nothing to answer; dropped and counted like the runner
+        if self._rate_limited():
+            return True
         node.publish_nowait(
             topic,
             packet.payload,
@@ -732,6 +735,8 @@ class MqttConnection:
                 cache.clear()
             cache[topic] = allowed
         if not allowed:
+            # 3.1.1 cannot say no to a PUBLISH: count it, so refusals are visible.
+            node.metrics.errors[int(ReasonCode.NOT_AUTHORIZED)] += 1
             return ReasonCode.NOT_AUTHORIZED
         if self._rate_limited():
             return ReasonCode.QUOTA_EXCEEDED
