@@ -12,8 +12,6 @@ import sys
 import time
 from typing import Any
 
-_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
-
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
     if logger.isEnabledFor(level):

@@ -62,24 +62,6 @@ def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     raise malformed("variable byte integer longer than 4 bytes")
 
 
-def read_uint16(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    if pos + 2 > end:
-        raise malformed("truncated two byte integer")
-    return (data[pos] << 8) | data[pos + 1], pos + 2
-
-
-def read_uint32(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    if pos + 4 > end:
-        raise malformed("truncated four byte integer")
-    return _unpack_uint32(data, pos)[0], pos + 4
-
-
-def read_byte(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    if pos >= end:
-        raise malformed("truncated byte")
-    return data[pos], pos + 1
-
-
 def read_binary(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
     if pos + 2 > end:
         raise malformed("truncated binary data length")

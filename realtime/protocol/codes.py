@@ -37,7 +37,7 @@ class ErrorCode(IntEnum):
     TOO_MANY_REQUESTS = 111
     UNRECOVERABLE_POSITION = 112
     APP_VERSION_TOO_OLD = 113
-    MESSAGE_TOO_LARGE = 114
+    # 114 is not used: a message over limits.max_frame_bytes closes the connection (1009).
     BROKER_UNAVAILABLE = 115
     NOT_CONNECTED = 116
     ALREADY_CONNECTED = 117
