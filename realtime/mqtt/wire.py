@@ -20,7 +20,6 @@ MAX_UINT32: Final = 0xFFFF_FFFF
 
 pack_uint16 = struct.Struct(">H").pack
 pack_uint32 = struct.Struct(">I").pack
-_unpack_uint32 = struct.Struct(">I").unpack_from
 
 
 def encode_varint(value: int) -> bytes:
