@@ -25,6 +25,7 @@ ENV_PREFIX = "REALTIME_"
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
 SUBSCRIBE_POLICIES = ("token", "authenticated")
 PUBLISH_POLICIES = ("none", "token", "authenticated")
+USER_STATUS_POLICIES = ("none", "authenticated")
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,20 @@ class MqttConfig:
 
 
 @dataclass
+class PresenceConfig:
+    # A presence entry (and a user's online mark) lives this many seconds after its last
+    # refresh; nodes refresh their clients' entries every ttl / 3 seconds. So when a node
+    # dies without cleaning up, its clients leave presence within ttl seconds.
+    ttl: float = 60.0
+    # Who may ask for users' online status and last-seen time over a client connection:
+    # "authenticated" (any connected client) or "none" (only the server API).
+    user_status: str = "authenticated"
+    max_users_per_query: int = 200
+    # How long a user's last-seen time is kept after they went offline.
+    last_seen_ttl: float = 2_592_000.0
+
+
+@dataclass
 class BrokerConfig:
     # "memory": one node alone, nothing to run beside it.
     type: str = "memory"
@@ -156,6 +171,19 @@ class NamespaceConfig:
     publish: str = "token"
     # A publish repeating an idempotency key within this many seconds is not repeated.
     idempotency_window: float = 300.0
+    # Presence: who is subscribed to a channel (WebSocket clients and MQTT devices
+    # subscribed to the exact topic), queried with presence / presence_stats.
+    presence: bool = False
+    # Push join and leave events to the channel's subscribers (needs presence).
+    join_leave: bool = False
+    # Typing indicators: forwarded at most once per typing_throttle seconds per user and
+    # channel; receivers are told typing stopped when not renewed within typing_timeout.
+    typing: bool = False
+    typing_throttle: float = 2.0
+    typing_timeout: float = 6.0
+    # Subscribers may ask for Fossil deltas (subscribe with delta "fossil"). Needs
+    # history_size > 0: positions let a client notice a lost base and resubscribe.
+    delta: bool = False
 
 
 @dataclass
@@ -166,6 +194,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Channel "chat/room1" uses namespace "chat" when one is configured, else "default".
@@ -359,6 +388,15 @@ def validate(config: Config) -> None:
     need(mqtt.max_connections >= 1, "mqtt.max_connections", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
     need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
+    presence = config.presence
+    need(presence.ttl >= 3, "presence.ttl", "must be >= 3 seconds")
+    need(
+        presence.user_status in USER_STATUS_POLICIES,
+        "presence.user_status",
+        f"must be one of {', '.join(USER_STATUS_POLICIES)}",
+    )
+    need(presence.max_users_per_query >= 1, "presence.max_users_per_query", "must be >= 1")
+    need(presence.last_seen_ttl > 0, "presence.last_seen_ttl", "must be > 0")
     need(
         config.log.level in ("debug", "info", "warning", "error"),
         "log.level",
@@ -381,6 +419,22 @@ def validate(config: Config) -> None:
             ns.publish in PUBLISH_POLICIES,
             f"{key}.publish",
             f"must be one of {', '.join(PUBLISH_POLICIES)}",
+        )
+        need(
+            ns.presence or not ns.join_leave,
+            f"{key}.join_leave",
+            "needs presence = true in the same namespace",
+        )
+        need(ns.typing_throttle >= 0, f"{key}.typing_throttle", "must be >= 0")
+        need(
+            ns.typing_timeout > ns.typing_throttle,
+            f"{key}.typing_timeout",
+            "must be greater than typing_throttle (renewals must arrive before expiry)",
+        )
+        need(
+            not ns.delta or ns.history_size > 0,
+            f"{key}.delta",
+            "needs history_size > 0 (deltas rely on positions to detect a lost base)",
         )
 
 

@@ -26,9 +26,12 @@ class Metrics:
         self.errors: Counter[int] = Counter()  # error replies by code
         self.publishes: Counter[str] = Counter()  # by source: client, api
         self.api_requests: Counter[tuple[str, int]] = Counter()  # by (endpoint, status)
+        # Ephemeral events handled (join, leave, typing) and typing commands throttled.
+        self.channel_events: Counter[str] = Counter()
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         # Fan-out deliveries are counted by the hub per publication and added on scrape.
         self.deliveries: Callable[[], int] = lambda: 0
+        self.delta_deliveries: Callable[[], int] = lambda: 0
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
@@ -96,6 +99,19 @@ class Metrics:
             "counter",
             "Publications accepted, by source.",
             labelled("source", self.publishes),
+        )
+        metric(
+            "delta_deliveries_total",
+            "counter",
+            "Publications delivered as a Fossil delta instead of the full payload.",
+            [("", self.delta_deliveries())],
+        )
+        metric(
+            "channel_events_total",
+            "counter",
+            "Ephemeral channel events handled (join, leave, typing; typing_throttled: "
+            "typing commands not forwarded).",
+            labelled("kind", self.channel_events),
         )
         metric(
             "api_requests_total",

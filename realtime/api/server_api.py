@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from realtime.core.broker import BrokerUnavailable, StreamPosition
-from realtime.core.node import Node, pb_publications
+from realtime.core.node import Node
+from realtime.core.replies import pb_client_info, pb_publications
 from realtime.core.topics import filter_error, filter_matches
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codec import message_to_obj, obj_to_message
@@ -63,6 +64,9 @@ class ServerApi:
             "publish": self.publish,
             "broadcast": self.broadcast,
             "history": self.history,
+            "presence": self.presence,
+            "presence_stats": self.presence_stats,
+            "user_status": self.user_status,
             "channels": self.channels,
             "disconnect": self.disconnect,
             "info": self.info,
@@ -184,6 +188,36 @@ class ServerApi:
         return {
             "publications": message_to_obj(reply).get("publications", []),
             "position": _position(result.position),
+        }
+
+    async def presence(self, body: dict[str, Any]) -> dict[str, Any]:
+        req: pb.PresenceRequest = self._parse(body, pb.PresenceRequest(), "presence")
+        entries = await self.node.presence_list(req.channel)
+        return {
+            "clients": {
+                client: message_to_obj(pb_client_info(entry)) for client, entry in entries.items()
+            }
+        }
+
+    async def presence_stats(self, body: dict[str, Any]) -> dict[str, Any]:
+        req: pb.PresenceStatsRequest = self._parse(
+            body, pb.PresenceStatsRequest(), "presence_stats"
+        )
+        stats = await self.node.presence_stats(req.channel)
+        return {"clients": stats.clients, "users": stats.users}
+
+    async def user_status(self, body: dict[str, Any]) -> dict[str, Any]:
+        users = body.get("users")
+        if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "user_status: users must be a list of ids")
+        if set(body) - {"users"}:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "user_status: only users is accepted")
+        statuses = await self.node.user_status(users)
+        return {
+            "statuses": [
+                {"user": s.user, "online": s.online, "last_seen": int(s.last_seen)}
+                for s in statuses
+            ]
         }
 
     async def channels(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,10 @@ import time
 from collections import deque
 
 from realtime.core.broker import (
+    LEAVE,
     Broker,
     BrokerHandler,
+    ChannelEvent,
     HistoryPolicy,
     HistoryResult,
     PresenceEntry,
@@ -21,6 +23,7 @@ from realtime.core.broker import (
     Publication,
     PublishResult,
     StreamPosition,
+    UserStatus,
 )
 from realtime.core.topics import FilterTrie, filter_matches
 
@@ -58,7 +61,10 @@ class MemoryBroker(Broker):
         self._idempotency: dict[tuple[str, str], tuple[float, PublishResult]] = {}
         # channel -> client -> (expires_at, entry)
         self._presence: dict[str, dict[str, tuple[float, PresenceEntry]]] = {}
+        self._online: dict[str, float] = {}  # user -> online until (monotonic)
+        self._last_seen: dict[str, tuple[float, float]] = {}  # user -> (unix time, kept until)
         self._now = time.monotonic
+        self._wall = time.time
 
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
@@ -190,15 +196,60 @@ class MemoryBroker(Broker):
             pubs = pubs[:limit]
         return HistoryResult(pubs, position)
 
-    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> None:
-        self._presence.setdefault(channel, {})[entry.client] = (self._now() + ttl, entry)
+    def _subscribed_to(self, channel: str) -> bool:
+        return channel in self._subscribed or bool(
+            self._filters.size and self._filters.match(channel)
+        )
 
-    async def remove_presence(self, channel: str, client: str) -> None:
+    async def publish_event(self, channel: str, event: ChannelEvent) -> None:
+        if self._handler is not None and self._subscribed_to(channel):
+            self._handler.handle_event(channel, event)
+
+    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> bool:
+        entries = self._presence.setdefault(channel, {})
+        now = self._now()
+        old = entries.get(entry.client)
+        entries[entry.client] = (now + ttl, entry)
+        return old is None or old[0] <= now
+
+    async def refresh_presence(self, entries: list[tuple[str, PresenceEntry]], ttl: float) -> None:
+        until = self._now() + ttl
+        presence = self._presence
+        for channel, entry in entries:
+            presence.setdefault(channel, {})[entry.client] = (until, entry)
+
+    async def remove_presence(self, channel: str, client: str) -> bool:
         entries = self._presence.get(channel)
-        if entries is not None:
-            entries.pop(client, None)
-            if not entries:
-                del self._presence[channel]
+        if entries is None:
+            return False
+        old = entries.pop(client, None)
+        if not entries:
+            del self._presence[channel]
+        return old is not None and old[0] > self._now()
+
+    async def set_users_online(self, users: list[str], ttl: float, last_seen_ttl: float) -> None:
+        now, wall = self._now(), self._wall()
+        for user in users:
+            self._online[user] = now + ttl
+            self._last_seen[user] = (wall, wall + last_seen_ttl)
+
+    async def set_user_offline(self, user: str, last_seen_ttl: float) -> None:
+        self._online.pop(user, None)
+        wall = self._wall()
+        self._last_seen[user] = (wall, wall + last_seen_ttl)
+
+    async def user_status(self, users: list[str]) -> list[UserStatus]:
+        now, wall = self._now(), self._wall()
+        out = []
+        for user in users:
+            online = self._online.get(user, 0.0) > now
+            seen, kept_until = self._last_seen.get(user, (0.0, 0.0))
+            if online:
+                seen = wall
+            elif kept_until <= wall:
+                seen = 0.0
+            out.append(UserStatus(user, online, seen))
+        return out
 
     def _live_presence(self, channel: str) -> list[PresenceEntry]:
         now = self._now()
@@ -216,10 +267,18 @@ class MemoryBroker(Broker):
         now = self._now()
         for channel in list(self._presence):
             entries = self._presence[channel]
-            for client in [c for c, (until, _) in entries.items() if until <= now]:
-                del entries[client]
+            gone = [c for c, (until, _) in entries.items() if until <= now]
+            for client in gone:
+                _, entry = entries.pop(client)
+                # Its node stopped refreshing it without removing it: announce the leave.
+                await self.publish_event(channel, ChannelEvent(LEAVE, entry))
             if not entries:
                 del self._presence[channel]
+        for user in [u for u, until in self._online.items() if until <= now]:
+            del self._online[user]
+        wall = self._wall()
+        for user in [u for u, (_, kept) in self._last_seen.items() if kept <= wall]:
+            del self._last_seen[user]
         expired = [key for key, (until, _) in self._idempotency.items() if until <= now]
         for key in expired:
             del self._idempotency[key]

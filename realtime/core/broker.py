@@ -11,7 +11,10 @@ The contract every implementation keeps:
 - `history(since=...)` returns the publications after a position, oldest first, plus the
   current top position, from which the caller decides whether recovery is complete.
 - presence entries live for a TTL and are refreshed by re-adding them, so a node that dies
-  without cleaning up leaves nothing behind for long.
+  without cleaning up leaves nothing behind for long; an entry that expires is announced
+  to the handler as a leave event, like a clean removal.
+- ephemeral events (join, leave, typing) reach every node subscribed to the channel, like
+  publications, but are never stored and carry no position.
 """
 
 from __future__ import annotations
@@ -64,12 +67,33 @@ class HistoryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class PresenceEntry:
-    """One client present in a channel (a WebSocket connection or, later, an MQTT device)."""
+    """One client present in a channel: a WebSocket connection or an MQTT device."""
 
     client: str
     user: str
     device: str = ""
     info: dict[str, Any] | None = None
+    transport: str = ""  # "websocket" or "mqtt"
+
+
+JOIN, LEAVE, TYPING = "join", "leave", "typing"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelEvent:
+    """Something that happened in a channel and is not a publication: never stored,
+    never recovered, never a mobile push."""
+
+    kind: str  # JOIN, LEAVE or TYPING
+    entry: PresenceEntry  # who (for TYPING only client and user matter)
+    active: bool = False  # TYPING: started (True) or stopped (False)
+
+
+@dataclass(frozen=True, slots=True)
+class UserStatus:
+    user: str
+    online: bool
+    last_seen: float  # unix time; 0 when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +124,8 @@ class BrokerUnavailable(Exception):
 
 class BrokerHandler(Protocol):
     def handle_publication(self, channel: str, pub: Publication) -> None: ...
+
+    def handle_event(self, channel: str, event: ChannelEvent) -> None: ...
 
 
 class Broker(ABC):
@@ -172,11 +198,22 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> None:
-        """Add or refresh `entry`; it disappears `ttl` seconds after its last refresh."""
+    async def publish_event(self, channel: str, event: ChannelEvent) -> None:
+        """Hand `event` to every node subscribed to `channel` (this one included)."""
 
     @abstractmethod
-    async def remove_presence(self, channel: str, client: str) -> None: ...
+    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> bool:
+        """Add or refresh `entry`; it disappears `ttl` seconds after its last refresh.
+        True when it was not present before."""
+
+    async def refresh_presence(self, entries: list[tuple[str, PresenceEntry]], ttl: float) -> None:
+        """Refresh many entries at once (brokers may batch this)."""
+        for channel, entry in entries:
+            await self.add_presence(channel, entry, ttl)
+
+    @abstractmethod
+    async def remove_presence(self, channel: str, client: str) -> bool:
+        """True when the entry was present."""
 
     @abstractmethod
     async def presence(self, channel: str) -> dict[str, PresenceEntry]:
@@ -184,6 +221,18 @@ class Broker(ABC):
 
     @abstractmethod
     async def presence_stats(self, channel: str) -> PresenceStats: ...
+
+    @abstractmethod
+    async def set_users_online(self, users: list[str], ttl: float, last_seen_ttl: float) -> None:
+        """Mark users online (from this node) for `ttl` seconds; last seen = now."""
+
+    @abstractmethod
+    async def set_user_offline(self, user: str, last_seen_ttl: float) -> None:
+        """This node has no connection of `user` left; last seen = now."""
+
+    @abstractmethod
+    async def user_status(self, users: list[str]) -> list[UserStatus]:
+        """Online state and last-seen time, in the order asked."""
 
     @abstractmethod
     async def set_retained(self, channel: str, pub: Publication | None) -> None:

@@ -1,8 +1,11 @@
 """The node: sessions, the hub and the broker together; the operations all transports share.
 
 Client commands and the server API both end up here (publish, subscribe with recovery,
-history, disconnect). One housekeeping task per node does what would otherwise need a
-timer per connection: pings in buckets, token expiry, connect deadlines.
+history, presence, typing, disconnect). The node is the broker's handler: publications
+go straight to the hub; ephemeral events (join, leave, typing) are checked against the
+channel's namespace first. One housekeeping task per node does what would otherwise need
+a timer per connection: pings in buckets, token expiry, connect deadlines, presence
+refresh, typing expiry.
 """
 
 from __future__ import annotations
@@ -14,27 +17,36 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from realtime import __version__
 from realtime.auth import Principal, TokenVerifier
 from realtime.config import Config, NamespaceConfig, parse_version
 from realtime.core.broker import (
+    TYPING,
     Broker,
+    ChannelEvent,
     HistoryPolicy,
     HistoryResult,
+    PresenceEntry,
+    PresenceStats,
     Publication,
     PublishResult,
     StreamPosition,
+    UserStatus,
 )
 from realtime.core.hub import Hub, WireFormat
+from realtime.core.presence import PresenceTracker
 from realtime.core.ratelimit import TokenBucket
+from realtime.core.replies import pb_client_info, pb_position, pb_publications
 from realtime.core.session import CLOSING, CONNECTED, Session
 from realtime.core.topics import channel_error
-from realtime.core.writer import FlushScheduler
+from realtime.core.typing_state import TypingThrottle
+from realtime.core.writer import FlushScheduler, Outbound
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError
+from realtime.protocol.delta import DELTA_TYPES
 
 log = logging.getLogger("realtime.node")
 
@@ -55,21 +67,6 @@ class Namespace:
         )
 
 
-def _pb_position(position: StreamPosition) -> pb.StreamPosition:
-    return pb.StreamPosition(offset=position.offset, epoch=position.epoch)
-
-
-def pb_publications(pubs: Iterable[Publication]) -> list[pb.Publication]:
-    out = []
-    for pub in pubs:
-        item = pb.Publication(offset=pub.offset, data=pub.data, tags=pub.tags)
-        if pub.user or pub.client:
-            item.info.user = pub.user
-            item.info.client = pub.client
-        out.append(item)
-    return out
-
-
 class Node:
     def __init__(self, config: Config, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -88,6 +85,7 @@ class Node:
             assert version is not None  # validated with the config
             self.min_versions[platform] = version
         self.sessions: set[Session] = set()  # every open transport session
+        self.by_id: dict[str, Session] = {}
         self.connecting: set[Session] = set()  # not yet through connect
         self.users: dict[str, set[Session]] = {}  # connected sessions by user
         self.user_buckets: dict[str, TokenBucket] = {}
@@ -104,12 +102,18 @@ class Node:
         self.tickers: list[Callable[[float], None]] = []
         self._filter_refs: dict[str, int] = {}
         self.wall_time = time.time
+        self.presence = PresenceTracker(broker, config.presence, loop)
+        self.typing = TypingThrottle()
+        self._typing_horizon = max(ns.typing_timeout for ns in config.namespaces.values())
+        # Broker handler: publications go to the hub without an extra call.
+        self.handle_publication = self.hub.handle_publication
+        self.hub.outbound_of = self._outbound_of
         self._register_gauges()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        await self.broker.start(self.hub)
+        await self.broker.start(self)
         self._housekeeper = self.loop.create_task(self._housekeeping())
         self.ready = True
 
@@ -133,13 +137,24 @@ class Node:
         )
         m.gauge("draining", "1 while the node shuts down.", lambda: float(self.draining))
         m.deliveries = lambda: self.hub.deliveries
+        m.delta_deliveries = lambda: self.hub.deltas_sent
+        m.gauge(
+            "presence_entries",
+            "Presence entries this node keeps alive.",
+            lambda: sum(len(c) for c in self.presence.local.values()),
+        )
 
     # ------------------------------------------------------------------ sessions
 
     def attach(self, session: Session) -> None:
         """A transport opened a session (not yet connected)."""
         self.sessions.add(session)
+        self.by_id[session.id] = session
         self.connecting.add(session)
+
+    def _outbound_of(self, client: str) -> Outbound | None:
+        session = self.by_id.get(client)
+        return session.outbound if session is not None else None
 
     def register(self, session: Session) -> None:
         """The session completed connect."""
@@ -149,20 +164,24 @@ class Node:
         self._ping_buckets[self._ping_next].add(session)
         self._ping_next = (self._ping_next + 1) % len(self._ping_buckets)
         self.metrics.connections_accepted += 1
+        self.presence.user_connected(session.principal.user)
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.by_id.pop(session.id, None)
         self.connecting.discard(session)
         for bucket in self._ping_buckets:
             bucket.discard(session)
         user = session.user
         if user:
             sessions = self.users.get(user)
-            if sessions is not None:
+            if sessions is not None and session in sessions:
                 sessions.discard(session)
                 if not sessions:
                     del self.users[user]
+                self.presence.user_disconnected(user)
         for channel in session.channels:
+            self.presence_leave(channel, session.id)
             if self.hub.remove(channel, session.outbound, session.wire):
                 self._release_channel(channel)
         session.channels.clear()
@@ -224,7 +243,7 @@ class Node:
         return policy == "authenticated" or principal.publish.matches(channel)
 
     async def subscribe(
-        self, session: Session, channel: str, since: StreamPosition | None
+        self, session: Session, channel: str, since: StreamPosition | None, delta: str = ""
     ) -> tuple[pb.SubscribeResult, list[Publication]]:
         """Subscribe and (with `since`) recover. Returns the reply and the publications
         that arrived while it was built, to send right after it."""
@@ -233,6 +252,17 @@ class Node:
         ns = self.namespace(channel)
         if not self._may_subscribe(session.principal, ns, channel):
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"may not subscribe to {channel}")
+        if delta:
+            if delta not in DELTA_TYPES:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"unknown delta type {delta[:32]!r} (supported: {', '.join(DELTA_TYPES)})",
+                )
+            if not ns.config.delta:
+                raise ProtocolError(
+                    ErrorCode.NOT_AVAILABLE,
+                    f"namespace {ns.name!r} does not offer deltas: subscribe without delta",
+                )
         if channel in session.channels:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}")
         if len(session.channels) >= self.config.limits.max_subscriptions:
@@ -242,12 +272,13 @@ class Node:
             )
         policy = ns.history
         out, wire = session.outbound, session.wire
-        first = self.hub.add(channel, out, wire, buffering=policy is not None)
+        first = self.hub.add(channel, out, wire, buffering=policy is not None, delta=bool(delta))
         session.channels.add(channel)
         result = pb.SubscribeResult()
         try:
             if first:
                 await self.broker.subscribe(channel)
+            await self._join_presence(session, ns, channel)
             if policy is None:
                 return result, []
             if since is not None:
@@ -260,23 +291,47 @@ class Node:
                 )
                 result.recovered = recovered
                 if recovered:
-                    result.publications.extend(pb_publications(history.publications))
+                    result.publications.extend(
+                        pb_publications(history.publications, deltas=bool(delta))
+                    )
             else:
                 top = await self.broker.position(channel, policy)
         except BaseException:
             if session.state < CLOSING and channel in session.channels:
                 session.channels.discard(channel)
+                self.presence_leave(channel, session.id)
                 if self.hub.remove(channel, out, wire):
                     self._release_channel(channel)
             raise
         if session.state >= CLOSING:
             return result, []
-        buffered = self.hub.go_live(channel, out, wire)
+        buffered = self.hub.go_live(channel, out, wire, bool(delta))
         result.recoverable = True
-        result.position.CopyFrom(_pb_position(top))
+        result.position.CopyFrom(pb_position(top))
         # Whatever arrived while history was read: keep only what lies past the reply.
         backlog = [pub for pub in buffered if pub.offset > top.offset]
         return result, backlog
+
+    async def _join_presence(self, session: Session, ns: Namespace, channel: str) -> None:
+        if not ns.config.presence or session.state >= CLOSING:
+            return
+        assert session.principal is not None
+        principal = session.principal
+        entry = PresenceEntry(
+            session.id, principal.user, principal.device, principal.info or None, "websocket"
+        )
+        await self.presence.join(channel, entry, ns.config.join_leave)
+
+    async def presence_join(self, channel: str, entry: PresenceEntry) -> None:
+        """Another transport's client (an MQTT device) is present in `channel`."""
+        ns = self.namespace(channel)
+        if ns.config.presence:
+            await self.presence.join(channel, entry, ns.config.join_leave)
+
+    def presence_leave(self, channel: str, client: str) -> None:
+        ns = self.namespace(channel)
+        if ns.config.presence:
+            self.presence.leave(channel, client, ns.config.join_leave)
 
     async def subscribe_filter(self, topic_filter: str) -> None:
         """Count a filter subscription on this node; the first one subscribes the broker."""
@@ -298,6 +353,7 @@ class Node:
         if channel not in session.channels:
             raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}")
         session.channels.discard(channel)
+        self.presence_leave(channel, session.id)
         if self.hub.remove(channel, session.outbound, session.wire):
             await self._broker_unsubscribe(channel)
 
@@ -378,7 +434,8 @@ class Node:
             idempotency_key=req.idempotency_key,
             source="client",
         )
-        return pb.PublishResult(position=_pb_position(result.position), duplicate=result.duplicate)
+        self.typing.published(channel, principal.user)
+        return pb.PublishResult(position=pb_position(result.position), duplicate=result.duplicate)
 
     # ------------------------------------------------------------------ history
 
@@ -409,8 +466,107 @@ class Node:
         result = await self.history(req.channel, since=since, limit=req.limit, reverse=req.reverse)
         return pb.HistoryResult(
             publications=pb_publications(result.publications),
-            position=_pb_position(result.position),
+            position=pb_position(result.position),
         )
+
+    # ------------------------------------------------------------------ presence
+
+    def _presence_namespace(self, channel: str) -> Namespace:
+        self.check_channel(channel)
+        ns = self.namespace(channel)
+        if not ns.config.presence:
+            raise ProtocolError(
+                ErrorCode.NOT_AVAILABLE,
+                f"{channel}: presence is not enabled in namespace {ns.name!r}",
+            )
+        return ns
+
+    def _check_reader(self, principal: Principal, ns: Namespace, channel: str) -> None:
+        if not self._may_subscribe(principal, ns, channel):
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"may not see who is in {channel}")
+
+    async def presence_list(
+        self, channel: str, principal: Principal | None = None
+    ) -> dict[str, PresenceEntry]:
+        """Who is in `channel`; `principal` None is the server API (no permission check)."""
+        ns = self._presence_namespace(channel)
+        if principal is not None:
+            self._check_reader(principal, ns, channel)
+        return await self.broker.presence(channel)
+
+    async def presence_stats(
+        self, channel: str, principal: Principal | None = None
+    ) -> PresenceStats:
+        ns = self._presence_namespace(channel)
+        if principal is not None:
+            self._check_reader(principal, ns, channel)
+        return await self.broker.presence_stats(channel)
+
+    async def user_status(
+        self, users: list[str], principal: Principal | None = None
+    ) -> list[UserStatus]:
+        config = self.config.presence
+        if principal is not None and config.user_status == "none":
+            raise ProtocolError(
+                ErrorCode.PERMISSION_DENIED, "user status is only available to the server API"
+            )
+        if not users:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "give at least one user id")
+        if len(users) > config.max_users_per_query:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {config.max_users_per_query} users per query",
+            )
+        if any(not user or len(user) > 256 for user in users):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "user ids must be 1..256 characters")
+        return await self.broker.user_status(users)
+
+    # ------------------------------------------------------------------ typing
+
+    async def client_typing(self, session: Session, channel: str, active: bool) -> bool:
+        """Forward a typing change; False when throttled (an earlier event still holds)."""
+        assert session.principal is not None
+        self.check_channel(channel)
+        ns = self.namespace(channel)
+        if not ns.config.typing:
+            raise ProtocolError(
+                ErrorCode.NOT_AVAILABLE,
+                f"{channel}: typing indicators are not enabled in namespace {ns.name!r}",
+            )
+        if channel not in session.channels:
+            raise ProtocolError(
+                ErrorCode.NOT_SUBSCRIBED, f"subscribe to {channel} before typing in it"
+            )
+        user = session.principal.user
+        if active:
+            if not self.typing.start(channel, user, self.loop.time(), ns.config.typing_throttle):
+                self.metrics.channel_events["typing_throttled"] += 1
+                return False
+        elif not self.typing.stop(channel, user):
+            return True  # was not typing: nothing to tell anyone
+        entry = PresenceEntry(session.id, user)
+        await self.broker.publish_event(channel, ChannelEvent(TYPING, entry, active))
+        return True
+
+    def handle_event(self, channel: str, event: ChannelEvent) -> None:
+        """Broker handler: an ephemeral event for a channel this node subscribes to."""
+        config = self.namespace(channel).config
+        if event.kind == TYPING:
+            if not config.typing:
+                return
+            entry = event.entry
+            if event.active:
+                until = self.loop.time() + config.typing_timeout
+                self.hub.typing_started(channel, entry.user, entry.client, until)
+            else:
+                self.hub.typing_stopped(channel, entry.user)
+        elif config.join_leave:
+            info = pb_client_info(event.entry)
+            push = pb.Push(channel=channel)
+            getattr(push, event.kind).CopyFrom(info)
+            # Others hear of a join; the joiner knows already.
+            self.hub.push_event(channel, pb.Reply(push=push), self._outbound_of(info.client))
+        self.metrics.channel_events[event.kind] += 1
 
     # ------------------------------------------------------------------ control
 
@@ -478,6 +634,10 @@ class Node:
             heapq.heapify(self._expiry)
         for ticker in self.tickers:
             ticker(now)
+        self.presence.tick(now)
+        if self.hub.typing_channels:
+            self.hub.expire_typing(now)
+        self.typing.prune(now, self._typing_horizon)
         if len(self.user_buckets) > len(self.users):
             idle = [u for u, b in self.user_buckets.items() if u not in self.users and b.full(now)]
             for user in idle:

@@ -17,6 +17,7 @@ from realtime.config import parse_version
 from realtime.core.broker import BrokerUnavailable, StreamPosition
 from realtime.core.hub import WireFormat
 from realtime.core.ratelimit import TokenBucket
+from realtime.core.replies import pb_client_info
 from realtime.core.writer import Outbound, Sink
 from realtime.log import event
 from realtime.protocol import realtime_pb2 as pb
@@ -172,6 +173,16 @@ class Session:
                 self.reply(command.id, pb.Reply(ping=pb.PingResult()))
             elif kind == "refresh":
                 self._refresh(command.id, command.refresh.token)
+            elif kind == "presence":
+                await self._presence(command.id, command.presence.channel)
+            elif kind == "presence_stats":
+                await self._presence_stats(command.id, command.presence_stats.channel)
+            elif kind == "typing":
+                typing = command.typing
+                forwarded = await self.node.client_typing(self, typing.channel, typing.active)
+                self.reply(command.id, pb.Reply(typing=pb.TypingResult(throttled=not forwarded)))
+            elif kind == "user_status":
+                await self._user_status(command.id, list(command.user_status.users))
             elif kind == "connect":
                 raise ProtocolError(ErrorCode.ALREADY_CONNECTED, "already connected")
             else:
@@ -281,7 +292,7 @@ class Session:
         since = None
         if req.recover and req.HasField("since"):
             since = StreamPosition(req.since.offset, req.since.epoch)
-        result, backlog = await self.node.subscribe(self, req.channel, since)
+        result, backlog = await self.node.subscribe(self, req.channel, since, req.delta)
         if self.state >= CLOSING:
             return
         self.reply(command_id, pb.Reply(subscribe=result))
@@ -292,6 +303,28 @@ class Session:
                     req.channel, pub.offset, pub.data, pub.user, pub.client, pub.tags
                 )
             )
+
+    async def _presence(self, command_id: int, channel: str) -> None:
+        entries = await self.node.presence_list(channel, self.principal)
+        result = pb.PresenceResult()
+        for client, entry in entries.items():
+            result.clients[client].CopyFrom(pb_client_info(entry))
+        self.reply(command_id, pb.Reply(presence=result))
+
+    async def _presence_stats(self, command_id: int, channel: str) -> None:
+        stats = await self.node.presence_stats(channel, self.principal)
+        result = pb.PresenceStatsResult(clients=stats.clients, users=stats.users)
+        self.reply(command_id, pb.Reply(presence_stats=result))
+
+    async def _user_status(self, command_id: int, users: list[str]) -> None:
+        statuses = await self.node.user_status(users, self.principal)
+        result = pb.UserStatusResult(
+            statuses=[
+                pb.UserStatus(user=s.user, online=s.online, last_seen=int(s.last_seen))
+                for s in statuses
+            ]
+        )
+        self.reply(command_id, pb.Reply(user_status=result))
 
     # ------------------------------------------------------------------ output
 

@@ -61,8 +61,9 @@ class ProtobufCodec:
         user: str,
         client: str,
         tags: dict[str, str] | None,
+        delta: bool = False,
     ) -> bytes:
-        pub = pb.Publication(offset=offset, data=data, tags=tags)
+        pub = pb.Publication(offset=offset, data=data, tags=tags, delta=delta)
         if user or client:
             pub.info.user = user
             pub.info.client = client
@@ -84,9 +85,11 @@ class ProtobufCodec:
 # ----------------------------------------------------------------------------- JSON
 #
 # Field names are the .proto names; integers are JSON numbers (offsets stay below 2**53);
-# enums are lower-case names without their prefix ("update_app"); the opaque `data` field
-# travels as a JSON value when its bytes are JSON, else base64 in `b64data`; other bytes
-# fields are base64.
+# enums are lower-case names without their prefix ("update_app"); the opaque `data` and
+# `info` fields travel as a JSON value when their bytes are JSON, else base64 in `b64data`
+# (`b64info`); other bytes fields are base64.
+
+_JSON_BYTES_FIELDS = frozenset({"data", "info"})
 
 _INT_TYPES = {
     FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
@@ -105,6 +108,12 @@ def _is_map(field: FieldDescriptor) -> bool:
     return bool(message_type.GetOptions().map_entry)
 
 
+def _map_value_is_message(field: FieldDescriptor) -> bool:
+    message_type: Any = field.message_type
+    value_field: FieldDescriptor = message_type.fields_by_name["value"]
+    return value_field.type == FieldDescriptor.TYPE_MESSAGE
+
+
 def _enum_prefix(field: FieldDescriptor) -> str:
     return str(_enum_type(field).name).upper() + "_"
 
@@ -115,17 +124,20 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         name = field.name
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             if _is_map(field):
-                out[name] = dict(value)
+                if _map_value_is_message(field):
+                    out[name] = {k: message_to_obj(v) for k, v in value.items()}
+                else:
+                    out[name] = dict(value)
             elif field.is_repeated:
                 out[name] = [message_to_obj(v) for v in value]
             else:
                 out[name] = message_to_obj(value)
         elif field.type == FieldDescriptor.TYPE_BYTES:
-            if name == "data":
+            if name in _JSON_BYTES_FIELDS:
                 try:
-                    out["data"] = loads_data(value)
+                    out[name] = loads_data(value)
                 except (ValueError, UnicodeDecodeError):
-                    out["b64data"] = base64.b64encode(value).decode()
+                    out["b64" + name] = base64.b64encode(value).decode()
             else:
                 out[name] = base64.b64encode(value).decode()
         elif field.type == FieldDescriptor.TYPE_ENUM:
@@ -144,15 +156,16 @@ def obj_to_message(obj: Any, msg: Message, path: str) -> None:
     fields = descriptor.fields_by_name
     oneofs_seen: dict[str, str] = {}
     for key, value in obj.items():
-        if key == "b64data" and "data" in fields:
-            if "data" in obj:
-                raise ValueError(f"{path}: give either data or b64data, not both")
+        plain = key[3:]
+        if key.startswith("b64") and plain in _JSON_BYTES_FIELDS and plain in fields:
+            if plain in obj:
+                raise ValueError(f"{path}: give either {plain} or {key}, not both")
             if not isinstance(value, str):
-                raise ValueError(f"{path}.b64data: expected a base64 string")
+                raise ValueError(f"{path}.{key}: expected a base64 string")
             try:
-                setattr(msg, "data", base64.b64decode(value, validate=True))  # noqa: B010
+                setattr(msg, plain, base64.b64decode(value, validate=True))
             except (binascii.Error, ValueError):
-                raise ValueError(f"{path}.b64data: invalid base64") from None
+                raise ValueError(f"{path}.{key}: invalid base64") from None
             continue
         field = fields.get(key)
         if field is None:
@@ -162,7 +175,7 @@ def obj_to_message(obj: Any, msg: Message, path: str) -> None:
             other = oneofs_seen.setdefault(field.containing_oneof.name, key)
             if other != key:
                 raise ValueError(f"{path}: {other!r} and {key!r} cannot be used together")
-        if value is None and key != "data":  # JSON null is a valid publication payload
+        if value is None and key not in _JSON_BYTES_FIELDS:  # JSON null is a valid payload
             continue
         _set_field(msg, field, value, where)
 
@@ -171,11 +184,16 @@ def _set_field(msg: Message, field: FieldDescriptor, value: Any, where: str) -> 
     name = field.name
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if _is_map(field):
-            if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-            ):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected an object")
+            container = getattr(msg, name)
+            if _map_value_is_message(field):
+                for k, v in value.items():
+                    obj_to_message(v, container[k], f"{where}.{k}")
+                return
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
                 raise ValueError(f"{where}: expected an object of strings")
-            getattr(msg, name).update(value)
+            container.update(value)
         elif field.is_repeated:
             if not isinstance(value, list):
                 raise ValueError(f"{where}: expected a list")
@@ -210,7 +228,7 @@ def _scalar(field: FieldDescriptor, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected a string")
         return value
     if ftype == FieldDescriptor.TYPE_BYTES:
-        if field.name == "data":
+        if field.name in _JSON_BYTES_FIELDS:
             # Any JSON value; stored as its compact UTF-8 JSON text.
             return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
         if not isinstance(value, str):
@@ -283,6 +301,7 @@ class JsonCodec:
         user: str,
         client: str,
         tags: dict[str, str] | None,
+        delta: bool = False,
     ) -> bytes:
         pub: dict[str, Any] = {}
         if offset:
@@ -295,6 +314,8 @@ class JsonCodec:
             pub["info"] = {"user": user, "client": client}
         if tags:
             pub["tags"] = tags
+        if delta:
+            pub["delta"] = True
         return _dumps({"push": {"channel": channel, "pub": pub}})
 
     def decode_replies(self, frame: bytes) -> list[pb.Reply]:

@@ -23,7 +23,7 @@ ACTION_RECONNECT: Action
 ACTION_RESUBSCRIBE: Action
 
 class Command(_message.Message):
-    __slots__ = ("id", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping")
+    __slots__ = ("id", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,10 @@ class Command(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REFRESH_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_STATS_FIELD_NUMBER: _ClassVar[int]
+    TYPING_FIELD_NUMBER: _ClassVar[int]
+    USER_STATUS_FIELD_NUMBER: _ClassVar[int]
     id: int
     connect: ConnectRequest
     subscribe: SubscribeRequest
@@ -40,7 +44,11 @@ class Command(_message.Message):
     history: HistoryRequest
     refresh: RefreshRequest
     ping: PingRequest
-    def __init__(self, id: _Optional[int] = ..., connect: _Optional[_Union[ConnectRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., history: _Optional[_Union[HistoryRequest, _Mapping]] = ..., refresh: _Optional[_Union[RefreshRequest, _Mapping]] = ..., ping: _Optional[_Union[PingRequest, _Mapping]] = ...) -> None: ...
+    presence: PresenceRequest
+    presence_stats: PresenceStatsRequest
+    typing: TypingRequest
+    user_status: UserStatusRequest
+    def __init__(self, id: _Optional[int] = ..., connect: _Optional[_Union[ConnectRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., history: _Optional[_Union[HistoryRequest, _Mapping]] = ..., refresh: _Optional[_Union[RefreshRequest, _Mapping]] = ..., ping: _Optional[_Union[PingRequest, _Mapping]] = ..., presence: _Optional[_Union[PresenceRequest, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsRequest, _Mapping]] = ..., typing: _Optional[_Union[TypingRequest, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusRequest, _Mapping]] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
     __slots__ = ("token", "name", "version", "platform")
@@ -55,14 +63,16 @@ class ConnectRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("channel", "recover", "since")
+    __slots__ = ("channel", "recover", "since", "delta")
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     RECOVER_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     channel: str
     recover: bool
     since: StreamPosition
-    def __init__(self, channel: _Optional[str] = ..., recover: _Optional[bool] = ..., since: _Optional[_Union[StreamPosition, _Mapping]] = ...) -> None: ...
+    delta: str
+    def __init__(self, channel: _Optional[str] = ..., recover: _Optional[bool] = ..., since: _Optional[_Union[StreamPosition, _Mapping]] = ..., delta: _Optional[str] = ...) -> None: ...
 
 class UnsubscribeRequest(_message.Message):
     __slots__ = ("channel",)
@@ -111,8 +121,34 @@ class PingRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PresenceRequest(_message.Message):
+    __slots__ = ("channel",)
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    def __init__(self, channel: _Optional[str] = ...) -> None: ...
+
+class PresenceStatsRequest(_message.Message):
+    __slots__ = ("channel",)
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    def __init__(self, channel: _Optional[str] = ...) -> None: ...
+
+class TypingRequest(_message.Message):
+    __slots__ = ("channel", "active")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    active: bool
+    def __init__(self, channel: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class UserStatusRequest(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, users: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Reply(_message.Message):
-    __slots__ = ("id", "error", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "push")
+    __slots__ = ("id", "error", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status", "push")
     ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +158,10 @@ class Reply(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REFRESH_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_STATS_FIELD_NUMBER: _ClassVar[int]
+    TYPING_FIELD_NUMBER: _ClassVar[int]
+    USER_STATUS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     id: int
     error: Error
@@ -132,8 +172,12 @@ class Reply(_message.Message):
     history: HistoryResult
     refresh: RefreshResult
     ping: PingResult
+    presence: PresenceResult
+    presence_stats: PresenceStatsResult
+    typing: TypingResult
+    user_status: UserStatusResult
     push: Push
-    def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., connect: _Optional[_Union[ConnectResult, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeResult, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeResult, _Mapping]] = ..., publish: _Optional[_Union[PublishResult, _Mapping]] = ..., history: _Optional[_Union[HistoryResult, _Mapping]] = ..., refresh: _Optional[_Union[RefreshResult, _Mapping]] = ..., ping: _Optional[_Union[PingResult, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., connect: _Optional[_Union[ConnectResult, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeResult, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeResult, _Mapping]] = ..., publish: _Optional[_Union[PublishResult, _Mapping]] = ..., history: _Optional[_Union[HistoryResult, _Mapping]] = ..., refresh: _Optional[_Union[RefreshResult, _Mapping]] = ..., ping: _Optional[_Union[PingResult, _Mapping]] = ..., presence: _Optional[_Union[PresenceResult, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsResult, _Mapping]] = ..., typing: _Optional[_Union[TypingResult, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusResult, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
 
 class ConnectResult(_message.Message):
     __slots__ = ("client", "version", "node", "ping_interval", "pong_timeout", "expires_in")
@@ -193,22 +237,81 @@ class PingResult(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PresenceResult(_message.Message):
+    __slots__ = ("clients",)
+    class ClientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ClientInfo
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ClientInfo, _Mapping]] = ...) -> None: ...
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    clients: _containers.MessageMap[str, ClientInfo]
+    def __init__(self, clients: _Optional[_Mapping[str, ClientInfo]] = ...) -> None: ...
+
+class PresenceStatsResult(_message.Message):
+    __slots__ = ("clients", "users")
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    clients: int
+    users: int
+    def __init__(self, clients: _Optional[int] = ..., users: _Optional[int] = ...) -> None: ...
+
+class TypingResult(_message.Message):
+    __slots__ = ("throttled",)
+    THROTTLED_FIELD_NUMBER: _ClassVar[int]
+    throttled: bool
+    def __init__(self, throttled: _Optional[bool] = ...) -> None: ...
+
+class UserStatusResult(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[UserStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[UserStatus, _Mapping]]] = ...) -> None: ...
+
+class UserStatus(_message.Message):
+    __slots__ = ("user", "online", "last_seen")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    online: bool
+    last_seen: int
+    def __init__(self, user: _Optional[str] = ..., online: _Optional[bool] = ..., last_seen: _Optional[int] = ...) -> None: ...
+
 class Push(_message.Message):
-    __slots__ = ("channel", "pub", "unsubscribe", "disconnect", "ping")
+    __slots__ = ("channel", "pub", "unsubscribe", "disconnect", "ping", "join", "leave", "typing")
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     PUB_FIELD_NUMBER: _ClassVar[int]
     UNSUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    JOIN_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    TYPING_FIELD_NUMBER: _ClassVar[int]
     channel: str
     pub: Publication
     unsubscribe: Unsubscribed
     disconnect: Disconnect
     ping: ServerPing
-    def __init__(self, channel: _Optional[str] = ..., pub: _Optional[_Union[Publication, _Mapping]] = ..., unsubscribe: _Optional[_Union[Unsubscribed, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., ping: _Optional[_Union[ServerPing, _Mapping]] = ...) -> None: ...
+    join: ClientInfo
+    leave: ClientInfo
+    typing: Typing
+    def __init__(self, channel: _Optional[str] = ..., pub: _Optional[_Union[Publication, _Mapping]] = ..., unsubscribe: _Optional[_Union[Unsubscribed, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., ping: _Optional[_Union[ServerPing, _Mapping]] = ..., join: _Optional[_Union[ClientInfo, _Mapping]] = ..., leave: _Optional[_Union[ClientInfo, _Mapping]] = ..., typing: _Optional[_Union[Typing, _Mapping]] = ...) -> None: ...
+
+class Typing(_message.Message):
+    __slots__ = ("user", "client", "active")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    client: str
+    active: bool
+    def __init__(self, user: _Optional[str] = ..., client: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class Publication(_message.Message):
-    __slots__ = ("offset", "data", "info", "tags")
+    __slots__ = ("offset", "data", "info", "tags", "delta")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -220,19 +323,27 @@ class Publication(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     info: ClientInfo
     tags: _containers.ScalarMap[str, str]
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    delta: bool
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ..., tags: _Optional[_Mapping[str, str]] = ..., delta: _Optional[bool] = ...) -> None: ...
 
 class ClientInfo(_message.Message):
-    __slots__ = ("user", "client")
+    __slots__ = ("user", "client", "device", "info", "transport")
     USER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     user: str
     client: str
-    def __init__(self, user: _Optional[str] = ..., client: _Optional[str] = ...) -> None: ...
+    device: str
+    info: bytes
+    transport: str
+    def __init__(self, user: _Optional[str] = ..., client: _Optional[str] = ..., device: _Optional[str] = ..., info: _Optional[bytes] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class StreamPosition(_message.Message):
     __slots__ = ("offset", "epoch")

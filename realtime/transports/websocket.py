@@ -32,6 +32,7 @@ from realtime.core.node import Node
 from realtime.core.session import Session
 from realtime.log import event
 from realtime.metrics import Metrics
+from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codec import CODECS, JSON, JSON_SUBPROTOCOL, PROTO_SUBPROTOCOL, Codec
 from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
 
@@ -69,8 +70,14 @@ class WebSocketWire:
         user: str,
         client: str,
         tags: dict[str, str] | None,
+        delta: bool = False,
     ) -> bytes:
-        return self.frame(self.codec.encode_publication(channel, offset, data, user, client, tags))
+        return self.frame(
+            self.codec.encode_publication(channel, offset, data, user, client, tags, delta)
+        )
+
+    def encode_reply(self, reply: pb.Reply) -> bytes:
+        return self.frame(self.codec.encode_reply(reply))
 
 
 WIRES = {name: WebSocketWire(codec) for name, codec in CODECS.items()}
