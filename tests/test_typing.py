@@ -119,7 +119,7 @@ async def test_a_publication_ends_typing(gateway: Gateway) -> None:
 
 
 async def test_typing_is_never_stored_or_recovered(gateway: Gateway) -> None:
-    alice, bob, _ = await room(gateway, "room/5")
+    alice, _bob, _ = await room(gateway, "room/5")
     first = await publish(gateway, "room/5", {"n": 1})
     await typing(alice, "room/5")
     await publish(gateway, "room/5", {"n": 2})
