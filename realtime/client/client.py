@@ -3,7 +3,17 @@
 One task per client (the *supervisor*) owns the WebSocket: it reads every frame,
 dispatches replies to the futures of pending commands and pushes to subscriptions, and
 reconnects when the connection is lost. Small helper tasks run only while connected
-(token refresh, resubscribe after a reconnect) and are cancelled with the connection.
+(token refresh, resubscribe after a reconnect or after a delta that did not apply) and
+are cancelled with the connection.
+
+Beyond publish/subscribe the client speaks the presence and typing commands:
+:meth:`Client.presence`, :meth:`Client.presence_stats`, :meth:`Client.typing` and
+:meth:`Client.user_status` return the dataclasses of :mod:`realtime.client.models` and
+raise :class:`RealtimeError` when the server refuses (e.g. ``NOT_AVAILABLE`` where the
+namespace has no presence or typing). Join, leave and typing pushes reach the callbacks
+given to :meth:`Client.subscribe` (``on_join``, ``on_leave``, ``on_typing``; also settable
+as attributes of the :class:`Subscription`). ``subscribe(..., delta=True)`` receives
+Fossil deltas and hands out full data (see :mod:`realtime.client.subscription`).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -27,7 +37,14 @@ from websockets.typing import Subprotocol
 
 from realtime import __version__
 from realtime.client.errors import DisconnectedError, RealtimeError, SubscriptionClosedError
-from realtime.client.models import Publication, StreamPosition
+from realtime.client.models import (
+    ClientInfo,
+    PresenceStats,
+    Publication,
+    StreamPosition,
+    Typing,
+    UserStatus,
+)
 from realtime.client.policy import (
     DisconnectInfo,
     ReconnectDecision,
@@ -275,18 +292,43 @@ class Client:
         *,
         recover: bool = True,
         since: StreamPosition | None = None,
+        delta: bool = False,
+        on_join: Callable[[ClientInfo], None] | None = None,
+        on_leave: Callable[[ClientInfo], None] | None = None,
+        on_typing: Callable[[Typing], None] | None = None,
     ) -> Subscription:
         """Subscribe to ``channel``.
 
         With ``since``, ask for the publications after that position (they are queued
         first; check ``sub.recovered``). ``recover`` also controls whether the
         subscription recovers the missed publications after a reconnect.
+
+        ``delta``: receive publications as Fossil deltas where the server makes them
+        smaller; the subscription applies them, so ``Publication.data`` is always the
+        full payload. The namespace must allow deltas (else :class:`RealtimeError`
+        ``NOT_AVAILABLE``).
+
+        ``on_join``/``on_leave`` get a :class:`ClientInfo` when a connection joins or
+        leaves the channel (namespaces with ``join_leave``), ``on_typing`` a
+        :class:`Typing` when someone else starts or stops typing (namespaces with
+        ``typing``). They are called by the client's reader and must not block; events
+        may come before this method returns.
         """
         existing = self._subs.get(channel)
         if existing is not None and not existing.closed:
             raise RealtimeError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel!r}")
         self._check_usable()
-        sub = Subscription(self, channel, recover=recover, since=since, max_queue=self.max_queue)
+        sub = Subscription(
+            self,
+            channel,
+            recover=recover,
+            since=since,
+            max_queue=self.max_queue,
+            delta=delta,
+            on_join=on_join,
+            on_leave=on_leave,
+            on_typing=on_typing,
+        )
         self._subs[channel] = sub
         wire_recover = recover and since is not None
         command = pb.Command(subscribe=sub._subscribe_request(wire_recover))
@@ -335,6 +377,41 @@ class Client:
         result = reply.history
         publications = [Publication.from_pb(channel, p) for p in result.publications]
         return publications, StreamPosition.from_pb(result.position)
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        """Who is in ``channel`` (namespace with presence; needs subscribe permission),
+        by client id."""
+        reply = await self._request(pb.Command(presence=pb.PresenceRequest(channel=channel)))
+        return {client: ClientInfo.from_pb(info) for client, info in reply.presence.clients.items()}
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """How many connections and distinct users are in ``channel``."""
+        request = pb.PresenceStatsRequest(channel=channel)
+        reply = await self._request(pb.Command(presence_stats=request))
+        stats = reply.presence_stats
+        return PresenceStats(clients=stats.clients, users=stats.users)
+
+    async def typing(self, channel: str, active: bool = True) -> bool:
+        """Tell the channel this user is typing (``active``) or stopped.
+
+        Returns False when the server throttled the event (the same user typed there
+        less than the namespace's ``typing_throttle`` ago: the earlier event still
+        holds), True otherwise (forwarded; a stop while not typing is a no-op that also
+        answers True). Call it again every few seconds while the user types:
+        receivers expire an indicator that is not renewed. Needs a subscription to the
+        channel (else :class:`RealtimeError` ``NOT_SUBSCRIBED``).
+        """
+        request = pb.TypingRequest(channel=channel, active=active)
+        reply = await self._request(pb.Command(typing=request))
+        return not reply.typing.throttled
+
+    async def user_status(self, users: Iterable[str]) -> list[UserStatus]:
+        """Online status and last-seen time of ``users``, in the order asked."""
+        if isinstance(users, str | bytes):
+            raise TypeError("users must be an iterable of user ids, not a single string")
+        request = pb.UserStatusRequest(users=list(users))
+        reply = await self._request(pb.Command(user_status=request))
+        return [UserStatus.from_pb(status) for status in reply.user_status.statuses]
 
     async def refresh(self, token: str) -> int:
         """Replace the connection's token; returns the new ``expires_in`` (0: never).
@@ -701,6 +778,10 @@ class Client:
             sub = self._subs.get(push.channel)
             if sub is not None:
                 sub._on_publication(push.pub)
+        elif event in ("join", "leave", "typing"):
+            sub = self._subs.get(push.channel)
+            if sub is not None:
+                sub._on_event(push, event)
         elif event == "unsubscribe":
             sub = self._subs.pop(push.channel, None)
             if sub is not None:
@@ -900,7 +981,9 @@ class Client:
             recover = sub._wants_recovery()
             command = pb.Command(id=self._next_id(), subscribe=sub._subscribe_request(recover))
             future: asyncio.Future[pb.Reply] = loop.create_future()
-            handler = functools.partial(self._apply_subscribe, sub, recover, sub._recover)
+            handler = functools.partial(
+                self._apply_subscribe, sub, recover, sub._reports_recovery()
+            )
             self._pending[command.id] = _Pending(future, handler)
             batch.append((sub, command.id, future))
             frame.append(command.SerializeToString())
@@ -936,6 +1019,13 @@ class Client:
             return
         finally:
             self._pending.pop(command_id, None)
+        await self._retry_subscribe(sub, recover, error)
+
+    async def _retry_subscribe(
+        self, sub: Subscription, recover: bool, error: RealtimeError | None
+    ) -> None:
+        """Subscribe again after a failed (``error``) or timed-out (None) attempt, until
+        it succeeds, the refusal is final, or the subscription or connection ends."""
         attempt = 0
         while not sub.closed and self._subs.get(sub.channel) is sub:
             delay = 0.0
@@ -983,7 +1073,9 @@ class Client:
                 if sub.closed or self._subs.get(sub.channel) is not sub:
                     return
             command = pb.Command(subscribe=sub._subscribe_request(recover))
-            handler = functools.partial(self._apply_subscribe, sub, recover, sub._recover)
+            handler = functools.partial(
+                self._apply_subscribe, sub, recover, sub._reports_recovery()
+            )
             try:
                 await self._request(command, handler)
                 return
@@ -993,6 +1085,50 @@ class Client:
                 error = None
             except DisconnectedError:
                 return
+
+    # ------------------------------------------------------------------ delta resync
+
+    def _resync(self, sub: Subscription) -> None:
+        """A delta did not apply (called by the reader): resubscribe ``sub`` with
+        recovery from its last good position. While reconnecting there is nothing to
+        do: the reconnect resubscribes it."""
+        if self._state is _ConnState.CONNECTED and self._subs.get(sub.channel) is sub:
+            self._spawn(self._resync_task(sub), f"resync {sub.channel}")
+
+    async def _resync_task(self, sub: Subscription) -> None:
+        if sub._resync_streak > 1:  # the server keeps sending deltas that do not apply
+            await asyncio.sleep(
+                backoff_delay(sub._resync_streak - 2, self.backoff_min, self.backoff_max)
+            )
+        if sub.closed or self._subs.get(sub.channel) is not sub:
+            return
+        command = pb.Command(unsubscribe=pb.UnsubscribeRequest(channel=sub.channel))
+        try:
+            await self._request(command, sub._unsubscribed_for_resync)
+        except DisconnectedError:
+            return
+        except (RealtimeError, TimeoutError) as exc:
+            # NOT_SUBSCRIBED: the server ended it meanwhile (its push ends `sub`); a late
+            # unsubscribe makes the subscribe below fail with ALREADY_SUBSCRIBED, which
+            # the retry handles.
+            logger.debug("resync of %r: unsubscribe failed: %r", sub.channel, exc)
+            sub._discarding = False
+        if sub.closed or self._subs.get(sub.channel) is not sub:
+            return
+        recover = sub._wants_recovery()
+        command = pb.Command(subscribe=sub._subscribe_request(recover))
+        handler = functools.partial(self._apply_subscribe, sub, recover, sub._reports_recovery())
+        error: RealtimeError | None
+        try:
+            await self._request(command, handler)
+            return
+        except RealtimeError as exc:
+            error = exc
+        except TimeoutError:
+            error = None
+        except DisconnectedError:
+            return
+        await self._retry_subscribe(sub, recover, error)
 
 
 def _retrieve_future(future: asyncio.Future[pb.Reply]) -> None:

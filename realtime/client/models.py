@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from realtime.protocol import realtime_pb2 as pb
 
-__all__ = ["Publication", "StreamPosition"]
+__all__ = [
+    "ClientInfo",
+    "PresenceStats",
+    "Publication",
+    "StreamPosition",
+    "Typing",
+    "UserStatus",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +38,9 @@ class Publication:
     """One message published on a channel.
 
     ``offset`` is the position in the channel's stream, 0 when the channel keeps no
-    history. ``user``/``client`` identify the publisher when the server tells.
+    history. ``user``/``client`` identify the publisher when the server tells. ``data``
+    is always the full payload, also on subscriptions that receive Fossil deltas (the
+    subscription applies them).
     """
 
     channel: str
@@ -40,12 +51,86 @@ class Publication:
     tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_pb(cls, channel: str, publication: pb.Publication) -> Publication:
+    def from_pb(
+        cls, channel: str, publication: pb.Publication, data: bytes | None = None
+    ) -> Publication:
+        """``data`` replaces the message's own (a delta already applied)."""
         return cls(
             channel=channel,
             offset=publication.offset,
-            data=publication.data,
+            data=publication.data if data is None else data,
             user=publication.info.user,
             client=publication.info.client,
             tags=dict(publication.tags),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """A connection present in a channel (presence, join and leave events).
+
+    ``client`` is the connection id (a WebSocket client id or an MQTT client id),
+    ``device`` and ``info`` the token's ``device`` and ``info`` claims (``info`` as JSON
+    bytes, empty when the token has none; see :meth:`info_json`), ``transport``
+    ``"websocket"`` or ``"mqtt"`` (presence results; may be empty in events).
+    """
+
+    user: str
+    client: str
+    device: str = ""
+    info: bytes = b""
+    transport: str = ""
+
+    @classmethod
+    def from_pb(cls, info: pb.ClientInfo) -> ClientInfo:
+        return cls(
+            user=info.user,
+            client=info.client,
+            device=info.device,
+            info=info.info,
+            transport=info.transport,
+        )
+
+    def info_json(self) -> Any:
+        """``info`` decoded from JSON; None when there is none."""
+        return json.loads(self.info) if self.info else None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceStats:
+    """How many connections (``clients``) and distinct users are present in a channel."""
+
+    clients: int
+    users: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserStatus:
+    """Whether ``user`` is connected, and when they last were (Unix time in seconds: now
+    when online; 0 when not seen within the server's ``presence.last_seen_ttl``)."""
+
+    user: str
+    online: bool
+    last_seen: int
+
+    @classmethod
+    def from_pb(cls, status: pb.UserStatus) -> UserStatus:
+        return cls(user=status.user, online=status.online, last_seen=status.last_seen)
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """Someone else's typing state in ``channel`` changed.
+
+    ``active`` False means they stopped: they said so, published in the channel, or did
+    not renew within the namespace's ``typing_timeout``.
+    """
+
+    channel: str
+    user: str
+    client: str
+    active: bool
+
+    @classmethod
+    def from_pb(cls, channel: str, typing: pb.Typing) -> Typing:
+        return cls(channel=channel, user=typing.user, client=typing.client, active=typing.active)
