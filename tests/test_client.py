@@ -64,7 +64,18 @@ async def test_reconnect_recovers_exactly_the_missed_publications(gateway: Gatew
 async def test_recovery_failure_is_reported(make_gateway: GatewayFactory) -> None:
     gateway = await make_gateway(namespaces={"chat": {"history_size": 2}})
     failed: list[Subscription] = []
-    client = Client(ws_url(gateway), token=make_token("fred"), backoff_min=0.05, backoff_max=0.2)
+    published = asyncio.Event()
+    tokens = 0
+
+    async def get_token() -> str:
+        # The reconnect waits until everything is published, so the gap is certain.
+        nonlocal tokens
+        tokens += 1
+        if tokens > 1:
+            await published.wait()
+        return make_token("fred")
+
+    client = Client(ws_url(gateway), get_token=get_token, backoff_min=0.05, backoff_max=0.2)
     await client.connect()
     sub = await client.subscribe("chat/x")
     sub.on_recovery_failed = failed.append
@@ -73,7 +84,8 @@ async def test_recovery_failure_is_reported(make_gateway: GatewayFactory) -> Non
     await api_post(gateway, "disconnect", {"user": "fred"})
     for i in range(1, 6):  # more than history keeps
         await publish(gateway, "chat/x", i)
-    for _ in range(50):
+    published.set()
+    for _ in range(200):
         if failed:
             break
         await asyncio.sleep(0.05)

@@ -291,9 +291,10 @@ class Node:
                 )
                 result.recovered = recovered
                 if recovered:
-                    result.publications.extend(
-                        pb_publications(history.publications, deltas=bool(delta))
-                    )
+                    pubs = pb_publications(history.publications, deltas=bool(delta))
+                    result.publications.extend(pubs)
+                    if delta:
+                        self.hub.deltas_sent += sum(pub.delta for pub in pubs)
             else:
                 top = await self.broker.position(channel, policy)
         except BaseException:
