@@ -150,3 +150,75 @@ def test_filter_trie_matches_like_brute_force(entries: list[tuple[str, int]], ch
     for topic_filter, member in entries:
         trie.remove(topic_filter, member)
     assert trie.size == 0 and trie.match(channel) == [] and trie._root.empty()
+
+
+# One operation on a trie: add (filter, member) with a value (None included: the memory
+# broker's values are None), remove it, or match a channel.
+trie_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "remove", "match"]),
+        filters,
+        st.integers(0, 3),
+        st.sampled_from([None, "v1", "v2"]),
+        topics,
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300)
+@given(trie_ops)
+def test_filter_trie_stays_right_through_adds_removes_and_matches(
+    ops: list[tuple[str, str, int, str | None, str]],
+) -> None:
+    """Matches interleaved with changes: the memo never answers with a stale result, whether
+    a filter is exact (kept outside the trie, one member or a dict of them) or a wildcard."""
+    from realtime.core.topics import FilterTrie
+
+    trie: FilterTrie[int, str | None] = FilterTrie()
+    model: dict[tuple[str, int], str | None] = {}
+    for op, topic_filter, member, value, channel in ops:
+        if op == "add":
+            trie.add(topic_filter, member, value)
+            model[(topic_filter, member)] = value
+        elif op == "remove":
+            assert trie.remove(topic_filter, member) is ((topic_filter, member) in model)
+            model.pop((topic_filter, member), None)
+        else:
+            got = sorted(
+                ((m, v) for found in trie.match(channel) for m, v in found.items()), key=repr
+            )
+            matching = [(m, v) for (f, m), v in model.items() if filter_matches(f, channel)]
+            expected = sorted(matching, key=repr)
+            assert got == expected
+        assert trie.size == len(model)
+    for topic_filter, member in list(model):
+        assert trie.remove(topic_filter, member)
+    assert trie.size == 0 and trie._root.empty() and not trie._exact
+
+
+def test_verify_keeps_only_the_principal() -> None:
+    """Nothing of a decoded token but its Principal outlives `verify`: no claims, header or
+    PyJWT options dict stays alive with it (idle memory per connection counts)."""
+    import gc
+
+    def token_dicts() -> int:
+        gc.collect()
+        keys = ("sub", "alg", "verify_signature")
+        return sum(1 for o in gc.get_objects() if isinstance(o, dict) and any(k in o for k in keys))
+
+    config = AuthConfig(hmac_secret=SECRET)
+    verifier = TokenVerifier(config)
+    tokens = [mint_token(config, f"device-{i}", ttl=60, subscribe=["#"]) for i in range(50)]
+    verifier.verify(tokens[0])  # PyJWT's one-time setup
+    before = token_dicts()
+    principals = [verifier.verify(token) for token in tokens]
+    assert token_dicts() == before
+    assert {type(o).__name__ for p in principals for o in gc.get_referents(p)} <= {
+        "str",
+        "float",
+        "FilterSet",
+        "dict",  # the shared empty `info`
+        "type",
+    }
+    assert len({id(p.info) for p in principals}) == 1

@@ -55,3 +55,34 @@ async def test_broker_wildcard_subscriptions_and_retained() -> None:
     await broker.set_retained("sensors/1/temp", Publication(0, b""))  # clear
     assert [c for c, _ in await broker.retained("sensors/#")] == ["sensors/2/temp"]
     assert [c for c, _ in await broker.retained("sensors/2/temp")] == ["sensors/2/temp"]
+
+
+async def test_outbound_queue_is_made_per_tick_and_dropped_on_overflow() -> None:
+    """`Outbound` (WebSocket sessions): no list while idle, one flush per tick joining what
+    was pushed, and past its limit one overflow callback and nothing written after."""
+    import asyncio
+
+    from realtime.core.writer import FlushScheduler, Outbound
+
+    class Sink:
+        def __init__(self) -> None:
+            self.writes: list[tuple[list[bytes], int]] = []
+
+        def write_payloads(self, payloads: list[bytes], size: int) -> None:
+            self.writes.append((payloads, size))
+
+    sink, overflows = Sink(), []
+    outbound = Outbound(
+        sink, FlushScheduler(asyncio.get_running_loop()), 10, lambda: overflows.append(1)
+    )
+    assert outbound.items is None
+    outbound.push(b"abc")
+    outbound.push(b"de")
+    await asyncio.sleep(0)
+    assert sink.writes == [([b"abc", b"de"], 5)] and outbound.items is None
+    outbound.push(b"x" * 8)
+    outbound.push(b"y" * 8)  # 16 bytes queued in this tick: over the limit
+    outbound.push(b"z")
+    await asyncio.sleep(0)
+    outbound.overflow()  # the transport's high-water mark, later: reported once only
+    assert overflows == [1] and outbound.closed and len(sink.writes) == 1

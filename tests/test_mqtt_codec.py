@@ -22,6 +22,7 @@ from realtime.mqtt import (
     Connect,
     ConnectReturnCode,
     Disconnect,
+    MqttError,
     Packet,
     PacketDecoder,
     PacketType,
@@ -386,6 +387,28 @@ def test_byte_at_a_time(version: int) -> None:
         out += decoder.feed(wire[i : i + 1])
     assert out == packets
     assert decoder.buffered == 0
+
+
+def test_buffer_only_while_a_packet_is_split() -> None:
+    """No buffer is held between whole packets: idle connections keep none."""
+    wire = encode(Publish("a/b", b"x" * 100), MQTT_3_1_1)
+    decoder = connected_decoder(MQTT_3_1_1, server=True)
+    assert decoder.feed(wire) == [Publish("a/b", b"x" * 100)]
+    assert decoder._buffer is None
+    assert decoder.feed(wire[:10]) == []
+    assert decoder.buffered == 10
+    assert decoder.feed(wire[10:] + wire[:1]) == [Publish("a/b", b"x" * 100)]
+    assert decoder.buffered == 1
+    assert decoder.feed(wire[1:]) == [Publish("a/b", b"x" * 100)]
+    assert decoder.buffered == 0 and decoder._buffer is None
+
+
+def test_error_stays_readable() -> None:
+    decoder = connected_decoder(MQTT_3_1_1, server=True)
+    assert decoder.error is None
+    with pytest.raises(MqttError) as raised:
+        decoder.feed(b"\x00\x00")  # reserved packet type 0
+    assert decoder.error is raised.value
 
 
 @pytest.mark.parametrize("version", VERSIONS)

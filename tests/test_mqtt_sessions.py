@@ -48,6 +48,7 @@ class RawDevice:
         clean: bool,
         expiry: int | None = None,
         will: Will | None = None,
+        keep_alive: int = 60,
     ) -> ConnAck:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         self.decoder = PacketDecoder(self.version, server=False)
@@ -56,7 +57,7 @@ class RawDevice:
             Connect(
                 client_id,
                 clean_start=clean,
-                keep_alive=60,
+                keep_alive=keep_alive,
                 username=client_id,
                 password=make_token(client_id).encode(),
                 will=will,
@@ -293,3 +294,73 @@ async def test_client_id_of_another_user_is_refused(gateway: Gateway) -> None:
     await publish(gateway, "own/1", "still the owner's")  # the owner's session is untouched
     assert json.loads((await owner.next(Publish)).payload) == "still the owner's"
     owner.disconnect()
+
+
+async def test_an_idle_device_is_one_object_with_nothing_made_in_advance(
+    gateway: Gateway,
+) -> None:
+    """Idle memory per device counts: the connection object is its own outbound queue and
+    protocol, and every buffer or container waits until something needs it."""
+    assert gateway.mqtt is not None
+    server = gateway.mqtt.server
+    devices = [RawDevice(gateway, MQTT_3_1_1) for _ in range(2)]
+    for i, device in enumerate(devices):
+        await device.connect(f"idle-{i}", clean=True, keep_alive=300)
+        await device.subscribe(f"idle/{i}", qos=0)
+    assert server.open_connections == 2 and not server.connecting
+    first, second = (server.sessions[f"idle-{i}"] for i in range(2))
+    for state in (first, second):
+        connection = state.connection
+        assert connection is not None
+        assert connection.sink is connection  # no separate Outbound, no bound callback
+        assert connection.items is None and connection.queue is None
+        assert connection.runner is None and connection.bucket is None
+        assert connection.allowed is None and connection.negotiated is None
+        assert connection.decoder.buffered == 0 and connection.decoder._buffer is None
+        assert connection.remote.startswith("127.0.0.1:")
+        assert not state.inflight and state.pending is None and state.awaiting_release is None
+        assert state.client_id is state.principal.user  # one string for both
+    assert first.subscriptions == ("idle/0",)
+    assert first.connection is not None and second.connection is not None
+    assert first.connection.keep_alive is second.connection.keep_alive  # one int for 300
+    # Both plain QoS 0 subscriptions share one value; each topic has no dict of members.
+    (members,) = gateway.node.hub.filters.match("idle/0")
+    assert members[first] is gateway.node.hub.filters.match("idle/1")[0][second]
+    for device in devices:
+        device.disconnect()
+    for _ in range(100):
+        if server.open_connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert server.open_connections == 0 and not server.sessions
+
+
+async def test_slow_reader_is_cut_off_without_delaying_others(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(
+        mqtt={"enabled": True, "host": "127.0.0.1", "port": 0},
+        limits={"max_queue_bytes": 262144},
+    )
+    assert gateway.mqtt is not None
+    server = gateway.mqtt.server
+    fast, slow = RawDevice(gateway, MQTT_3_1_1), RawDevice(gateway, MQTT_3_1_1)
+    for device, name in ((fast, "fast"), (slow, "slow")):
+        await device.connect(name, clean=True)
+        await device.subscribe("flood", qos=0)
+    assert slow.writer is not None
+    slow.writer.transport.pause_reading()  # then it never reads: its socket buffers fill up
+    payload = b"x" * 4000
+    count = 3000  # 12 MB: more than the slow device's socket buffers and queue can hold
+    for i in range(count):
+        await gateway.node.publish("flood", payload)
+        if i % 10 == 9:
+            for _ in range(10):  # the fast device keeps up
+                assert (await fast.next(Publish)).payload == payload
+    slow_connection = server.sessions["slow"].connection
+    assert slow_connection is not None and slow_connection.closed
+    slow.vanish()
+    for _ in range(100):
+        if server.open_connections == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert server.open_connections == 1 and "slow" not in server.sessions
+    fast.disconnect()

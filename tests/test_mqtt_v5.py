@@ -152,6 +152,18 @@ async def test_maximum_packet_size_of_the_device(gateway: Gateway) -> None:
     assert json.loads((await device.next(Publish)).payload) == "small"
 
 
+async def test_inbound_topic_aliases(gateway: Gateway) -> None:
+    watcher, _ = await connect(gateway, "alias-watcher")
+    await watcher.subscribe("alias/#", qos=0)
+    device, _ = await connect(gateway, "aliaser")
+    device.send(Publish("alias/t", b"1", properties=Properties(topic_alias=1)))
+    device.send(Publish("", b"2", properties=Properties(topic_alias=1)))
+    got = [await watcher.next(Publish) for _ in range(2)]
+    assert [(p.topic, p.payload) for p in got] == [("alias/t", b"1"), ("alias/t", b"2")]
+    device.send(Publish("", b"3", properties=Properties(topic_alias=2)))
+    assert (await device.next(Disconnect)).reason_code == 0x82  # an alias never set
+
+
 async def test_oversized_packet_from_a_device(make_gateway: GatewayFactory) -> None:
     gateway = await make_gateway(mqtt={**BASE, "max_packet_size": 512})
     device, ack = await connect(gateway, "big")

@@ -11,7 +11,9 @@ Two objects per device:
   flight, the queue. It outlives the connection when the session is persistent (3.1.1
   clean_session=false, 5.0 session expiry), queueing QoS 1/2 publications (bounded in count
   and bytes) until the device returns or the session expires.
-- `MqttConnection` is one network connection speaking for it: CONNECT, auth, packets.
+- `MqttConnection` is one network connection speaking for it: CONNECT, auth, packets, and
+  its outbound queue. Its subclass is the transport side: the TCP protocol
+  (`transports/mqtt.py`) or the WebSocket carrier, so a connection is one Python object.
 
 Protocol rules kept here (the codec in `realtime.mqtt` checks the bytes):
 
@@ -24,7 +26,8 @@ Protocol rules kept here (the codec in `realtime.mqtt` checks the bytes):
   when a persistent session resumes;
 - last will on every abnormal end (keep-alive expiry included), after the 5.0 will delay
   or at the end of the session, whichever comes first; not if the device came back;
-- keep-alive enforced at 1.5x; 5.0 message expiry on queued messages;
+- keep-alive enforced at 1.5x, counted in the server's once-a-second ticks (so up to ~2 s
+  late, never early); 5.0 message expiry on queued messages;
 - shared subscriptions (`$share/group/filter`, also accepted from 3.1.1 devices as
   mosquitto and EMQX do): each publication goes to one member, round robin, preferring
   connected members; no retained messages on a shared subscribe (5.0 4.8.2);
@@ -39,15 +42,15 @@ import copy
 import logging
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from realtime.auth import AuthError, Principal
 from realtime.core.broker import BrokerUnavailable, Publication
 from realtime.core.ratelimit import TokenBucket
 from realtime.core.topics import channel_error
-from realtime.core.writer import Outbound, Sink
+from realtime.core.writer import OutboundQueue
 from realtime.log import event
-from realtime.mqtt.codec import PacketDecoder, encode, encode_publish
+from realtime.mqtt.codec import MAX_PACKET_SIZE, PacketDecoder, encode, encode_publish
 from realtime.mqtt.errors import MqttError
 from realtime.mqtt.packets import (
     MQTT_5,
@@ -81,6 +84,7 @@ log = logging.getLogger("realtime.mqtt")
 # Publications from WebSocket clients and the server API reach devices at this QoS at most.
 NON_MQTT_QOS = 1
 NEVER_EXPIRES = 0xFFFFFFFF
+DEFAULT_RECEIVE_MAXIMUM = 65535  # 5.0: a device's when it sets none (and 3.1.1's)
 
 
 class MqttMeta:
@@ -107,6 +111,18 @@ class SubscriptionValue:
         self.identifier = identifier
 
 
+# The value of every subscription with default options and no identifier (all of 3.1.1's),
+# shared: it is never modified.
+_PLAIN = tuple(SubscriptionValue(SubscriptionOptions(qos), None) for qos in range(3))
+
+
+def _subscription_value(options: SubscriptionOptions, identifier: int | None) -> SubscriptionValue:
+    plain = _PLAIN[options.qos]
+    if identifier is None and options == plain.options:
+        return plain
+    return SubscriptionValue(options, identifier)
+
+
 class Message:
     """A QoS 1/2 delivery in flight or queued for a device."""
 
@@ -129,6 +145,10 @@ class Message:
         self.expires_at = expires_at  # 0: never (5.0 message expiry)
         self.released = False  # QoS 2: PUBREC received, PUBREL sent
 
+
+# Shared by sessions with nothing in flight; never written to: `_transmit` swaps in a dict
+# of the session's own first.
+_NO_MESSAGES: dict[int, Message] = {}
 
 _FORWARDED = (
     "payload_format_indicator",
@@ -182,6 +202,16 @@ class SharedGroup:
         state.deliver(channel, pub, [value])
 
 
+class _Pending(deque[Message]):
+    """QoS 1/2 messages queued for a device, and their bytes."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
 class SessionState:
     """One device's MQTT session; the hub delivers to it whether or not it is connected."""
 
@@ -189,17 +219,15 @@ class SessionState:
         "awaiting_release",
         "client_id",
         "connection",
+        "delayed_will",
         "expires_at",
         "expiry",
         "inflight",
         "next_packet_id",
         "pending",
-        "pending_bytes",
         "principal",
         "server",
         "subscriptions",
-        "will",
-        "will_timer",
     )
 
     def __init__(self, server: MqttServer, client_id: str, principal: Principal) -> None:
@@ -207,17 +235,17 @@ class SessionState:
         self.client_id = client_id
         self.principal = principal
         self.connection: MqttConnection | None = None
-        self.subscriptions: dict[str, SubscriptionValue] = {}
-        self.inflight: dict[int, Message] = {}  # by outbound packet id
+        # The session's filters, in order. A tuple: most devices have one or two, where a
+        # dict costs ~180 bytes; each one's value lives in the hub (or its shared group).
+        self.subscriptions: tuple[str, ...] = ()
         # Created on first use: most devices never need them (idle memory counts).
+        self.inflight = _NO_MESSAGES  # by outbound packet id
         self.awaiting_release: set[int] | None = None  # inbound QoS 2 ids before PUBREL
-        self.pending: deque[Message] | None = None
-        self.pending_bytes = 0
+        self.pending: _Pending | None = None
         self.next_packet_id = 1
         self.expiry = 0  # seconds the session outlives its connection
         self.expires_at = 0.0
-        self.will: Will | None = None  # a will waiting for its delay
-        self.will_timer: asyncio.TimerHandle | None = None
+        self.delayed_will: tuple[Will, asyncio.TimerHandle] | None = None  # 5.0 will delay
 
     # ------------------------------------------------------------------ hub member
 
@@ -250,7 +278,12 @@ class SessionState:
         props = _forwarded_properties(pub.meta, identifiers) if v5 else None
         if qos == 0:
             if connection is not None:
-                if props is None and not retain and not connection.alias_maximum:
+                negotiated = connection.negotiated
+                if (
+                    props is None
+                    and not retain
+                    and (negotiated is None or not negotiated.alias_maximum)
+                ):
                     # The common case: the same bytes for every plain subscriber.
                     connection.push_raw(self.server.qos0_packet(channel, pub, connection.version))
                 else:
@@ -270,18 +303,20 @@ class SessionState:
         size = len(message.data)
         pending = self.pending
         if pending is None:
-            pending = self.pending = deque()
+            pending = self.pending = _Pending()
         if (
             len(pending) >= config.max_queued_messages
-            or self.pending_bytes + size > config.max_queued_bytes
+            or pending.size + size > config.max_queued_bytes
         ):
             self.server.node.metrics.errors[int(ReasonCode.QUOTA_EXCEEDED)] += 1
             return  # dropped: the device is away or not acknowledging (counted)
         pending.append(message)
-        self.pending_bytes += size
+        pending.size += size
 
     def _transmit(self, connection: MqttConnection, message: Message, dup: bool = False) -> None:
         packet_id = self._packet_id()
+        if self.inflight is _NO_MESSAGES:
+            self.inflight = {}
         self.inflight[packet_id] = message
         connection.write_message(message, packet_id, dup)
 
@@ -305,7 +340,7 @@ class SessionState:
         pending = self.pending
         while pending and len(self.inflight) < connection.receive_maximum:
             message = pending.popleft()
-            self.pending_bytes -= len(message.data)
+            pending.size -= len(message.data)
             if message.expires_at:
                 remaining = int(message.expires_at - now)
                 if remaining <= 0:
@@ -317,10 +352,9 @@ class SessionState:
     def resume(self, connection: MqttConnection) -> None:
         """A connection took this session (new or resumed): re-send what is unacknowledged."""
         self.connection = connection
-        if self.will_timer is not None:
-            self.will_timer.cancel()
-            self.will_timer = None
-        self.will = None
+        if self.delayed_will is not None:
+            self.delayed_will[1].cancel()
+            self.delayed_will = None
         for packet_id, message in self.inflight.items():
             if message.released:
                 connection.send_packet(PubRel(packet_id))
@@ -338,85 +372,111 @@ class SessionState:
         if will is not None:
             wait = min(delay or 0, self.expiry)
             if wait:
-                self.will = will
-                self.will_timer = loop.call_later(wait, self._will_due)
+                self.delayed_will = (will, loop.call_later(wait, self._will_due))
             else:
                 self.server.publish_will(self, will)
         if not self.expiry:
             self.server.end(self)
 
     def _will_due(self) -> None:
-        self.will_timer = None
-        will, self.will = self.will, None
-        if will is not None:
-            self.server.publish_will(self, will)
+        delayed, self.delayed_will = self.delayed_will, None
+        if delayed is not None:
+            self.server.publish_will(self, delayed[0])
 
 
-class MqttTransport(Sink, Protocol):
-    def close(self) -> None: ...
-
-
-class MqttConnection:
-    """One network connection of a device: decoder, CONNECT, packets, keep-alive."""
+class _Negotiated:
+    """What a 5.0 device asked for in its CONNECT (receive maximum, maximum packet size,
+    topic alias maximum), and the topic aliases in use both ways. Made when first needed:
+    most devices ask for none of it (idle memory counts)."""
 
     __slots__ = (
         "alias_maximum",
+        "inbound_aliases",
+        "max_packet",
+        "outbound_aliases",
+        "receive_maximum",
+    )
+
+    def __init__(self) -> None:
+        self.receive_maximum = DEFAULT_RECEIVE_MAXIMUM  # for our QoS 1/2 sends
+        self.max_packet = MAX_PACKET_SIZE  # fixed header included
+        self.alias_maximum = 0  # how many topic aliases the device accepts from us
+        self.outbound_aliases: dict[str, int] = {}
+        self.inbound_aliases: dict[int, str] = {}
+
+
+class MqttConnection(OutboundQueue):
+    """One network connection of a device: decoder, CONNECT, packets, keep-alive.
+
+    It is its own outbound queue, and a subclass is its transport side (`write_payloads`,
+    `close_transport`, `remote`): the TCP protocol, or the WebSocket carrier. One object per
+    connection, with nothing else created until it is needed: idle memory counts.
+    """
+
+    __slots__ = (
         "allowed",
         "bucket",
-        "closed",
-        "connected",
         "decoder",
-        "failure",
-        "inbound_aliases",
         "keep_alive",
-        "last_rx",
-        "max_outgoing_packet",
+        "negotiated",
         "node",
-        "outbound",
-        "outbound_aliases",
-        "principal",
         "queue",
-        "receive_maximum",
-        "remote",
         "runner",
+        "rx_tick",
         "server",
         "state",
-        "transport",
         "version",
         "will",
     )
 
-    def __init__(self, server: MqttServer, transport: MqttTransport, remote: str) -> None:
+    def __init__(self, server: MqttServer) -> None:
         node = server.node
-        config = node.config.mqtt
+        super().__init__(self, node.flusher, node.config.limits.max_queue_bytes)
         self.server = server
         self.node = node
-        self.transport = transport
-        self.remote = remote
-        self.decoder = PacketDecoder(server=True, max_packet_size=config.max_packet_size)
-        self.outbound = Outbound(
-            transport, node.flusher, node.config.limits.max_queue_bytes, self._on_overflow
-        )
+        # A decoding error stays in the decoder (`error`), acted on after the packets that
+        # came before it.
+        self.decoder = PacketDecoder(server=True, max_packet_size=node.config.mqtt.max_packet_size)
         self.version = 4
-        self.state: SessionState | None = None
-        self.principal: Principal | None = None
-        self.connected = False
-        self.closed = False
+        self.state: SessionState | None = None  # set once CONNECT is accepted
         self.keep_alive = 0
         self.will: Will | None = None  # cleared by a normal DISCONNECT
-        self.last_rx = node.loop.time()
-        self.inbound_aliases: dict[int, str] | None = None
+        self.rx_tick = server.ticks  # the server tick of the last bytes received
         # topic -> may this device publish there (the principal is fixed per connection).
         self.allowed: dict[str, bool] | None = None
-        self.outbound_aliases: dict[str, int] | None = None
-        self.alias_maximum = 0  # topic aliases the device accepts from us (5.0)
-        self.receive_maximum = 65535  # the device's (5.0), for our QoS 1/2 sends
-        self.max_outgoing_packet = 268_435_460
+        self.negotiated: _Negotiated | None = None
         self.bucket: TokenBucket | None = None  # made at the first PUBLISH
-        self.queue: list[Packet] = []
+        self.queue: list[Packet] | None = None  # packets waiting for the runner
         self.runner: asyncio.Task[None] | None = None
-        # A decoding error, acted on after the packets that came before it.
-        self.failure: MqttError | None = None
+
+    # ------------------------------------------------------------------ transport side
+
+    def write_payloads(self, payloads: list[bytes], size: int) -> None:
+        """Write flushed output (`payloads`, `size` bytes in all) to the transport."""
+        raise NotImplementedError
+
+    def close_transport(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def remote(self) -> str:
+        """The peer's address, for log lines (asked of the transport, never stored)."""
+        raise NotImplementedError
+
+    @property
+    def receive_maximum(self) -> int:
+        """The device's (5.0): how many QoS 1/2 messages we may have in flight to it."""
+        negotiated = self.negotiated
+        return negotiated.receive_maximum if negotiated is not None else DEFAULT_RECEIVE_MAXIMUM
+
+    @property
+    def connected(self) -> bool:
+        return self.state is not None
+
+    @property
+    def principal(self) -> Principal | None:
+        # The session's: a connection that took it over has the same user.
+        return self.state.principal if self.state is not None else None
 
     @property
     def client_id(self) -> str:
@@ -427,13 +487,13 @@ class MqttConnection:
     def receive(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_rx = self.node.loop.time()
+        self.rx_tick = self.server.ticks
+        decoder = self.decoder
         try:
-            packets = self.decoder.feed(data)
+            packets = decoder.feed(data)
         except MqttError as exc:
             # The spec has the packets before the fault processed, in order, first.
             packets = exc.packets
-            self.failure = exc
         if self.runner is None:
             # Handle at once what needs no waiting (QoS 0 publishes on a broker that can
             # publish without waiting, pings, acks): no task, no coroutine per message.
@@ -444,9 +504,12 @@ class MqttConnection:
                 done += 1
             if done:
                 packets = packets[done:]
-            if not packets and self.failure is None:
+            if not packets and decoder.error is None:
                 return
-        self.queue.extend(packets)
+        if self.queue is None:
+            self.queue = packets  # a fresh list from the decoder: ours to keep
+        else:
+            self.queue.extend(packets)
         if self.runner is None:
             self.runner = self.node.loop.create_task(self._run())
 
@@ -462,7 +525,8 @@ class MqttConnection:
 
     def _handle_now(self, packet: Packet) -> bool:
         """Handle `packet` synchronously if it can be; False when it needs the runner."""
-        if self.closed or not self.connected:
+        state = self.state
+        if self.closed or state is None:
             return False
         if isinstance(packet, Publish):
             if (
@@ -472,19 +536,17 @@ class MqttConnection:
                 or not self.node.broker.publishes_at_once
             ):
                 return False
-            return self._publish_now(packet)
+            return self._publish_now(packet, state)
         if isinstance(packet, PubAck):
-            assert self.state is not None
-            self.state.acknowledged(packet.packet_id)
+            state.acknowledged(packet.packet_id)
             return True
         if isinstance(packet, PingReq):
             self.send_packet(PingResp())
             return True
         return False
 
-    def _publish_now(self, packet: Publish) -> bool:
+    def _publish_now(self, packet: Publish, state: SessionState) -> bool:
         node, topic = self.node, packet.topic
-        assert self.principal is not None
         allowed = self.allowed.get(topic) if self.allowed is not None else None
         if allowed is None:
             return False  # first time on this topic: the full checks, in the runner
@@ -496,8 +558,8 @@ class MqttConnection:
         node.publish_nowait(
             topic,
             packet.payload,
-            user=self.principal.user,
-            client=self.client_id,
+            user=state.principal.user,
+            client=state.client_id,
             source="mqtt",
             meta=_QOS0,
         )
@@ -506,13 +568,13 @@ class MqttConnection:
     async def _run(self) -> None:
         try:
             while self.queue and not self.closed:
-                batch, self.queue = self.queue, []
+                batch, self.queue = self.queue, None
                 for packet in batch:
                     if self.closed:
                         break
                     await self._handle(packet)
-            if self.failure is not None:
-                raise self.failure
+            if self.decoder.error is not None:
+                raise self.decoder.error
         except MqttError as exc:
             self._protocol_failure(exc.reason_code, exc.message)
         except Exception:
@@ -569,7 +631,7 @@ class MqttConnection:
         config = self.node.config.mqtt
         self.version = self.decoder.version or 4
         v5 = self.version == MQTT_5
-        if len(self.server.connections) > config.max_connections:
+        if self.server.open_connections > config.max_connections:
             self.node.metrics.connections_refused["mqtt_max_connections"] += 1
             self._refuse(ConnectReturnCode.SERVER_UNAVAILABLE, "too many connections; try later")
             return
@@ -585,8 +647,9 @@ class MqttConnection:
                 )
                 return
             client_id = assigned = "auto-" + secrets.token_urlsafe(12)
-        self.principal = principal
-        self.keep_alive = packet.keep_alive
+        elif client_id == principal.user:
+            client_id = principal.user  # one string, not two: devices often use their id for both
+        self.keep_alive = self.server.shared_int(packet.keep_alive)
         server_keep_alive = None
         cap = config.max_keep_alive
         if cap and (not self.keep_alive or self.keep_alive > cap):
@@ -597,14 +660,16 @@ class MqttConnection:
             expiry = props.session_expiry_interval or 0 if props is not None else 0
         else:
             expiry = 0 if packet.clean_start else NEVER_EXPIRES
-        if props is not None:
+        if props is not None and (
+            props.receive_maximum or props.maximum_packet_size or props.topic_alias_maximum
+        ):
+            negotiated = self.negotiated = _Negotiated()
             if props.receive_maximum:
-                self.receive_maximum = props.receive_maximum
+                negotiated.receive_maximum = props.receive_maximum
             if props.maximum_packet_size:
-                self.max_outgoing_packet = props.maximum_packet_size
-            if v5 and props.topic_alias_maximum:
-                self.alias_maximum = props.topic_alias_maximum
-                self.outbound_aliases = {}
+                negotiated.max_packet = props.maximum_packet_size
+            if props.topic_alias_maximum:
+                negotiated.alias_maximum = props.topic_alias_maximum
         # Only now, authenticated, may this connection touch an existing session, and only
         # one of its own user: a token for someone else must not kick or wipe theirs.
         existing = self.server.sessions.get(client_id)
@@ -614,7 +679,7 @@ class MqttConnection:
         state, present = await self.server.take(client_id, principal, packet.clean_start, self)
         state.expiry = self._capped_expiry(expiry)
         self.state = state
-        self.connected = True
+        self.server.connecting.pop(self, None)
         ack_props = None
         if v5:
             ack_props = Properties(
@@ -688,13 +753,13 @@ class MqttConnection:
             alias = props.topic_alias
             if not 0 < alias <= self.node.config.mqtt.topic_alias_maximum:
                 raise MqttError(ReasonCode.TOPIC_ALIAS_INVALID, f"topic alias {alias}")
-            aliases = self.inbound_aliases
-            if aliases is None:
-                aliases = self.inbound_aliases = {}
+            negotiated = self.negotiated
+            if negotiated is None:
+                negotiated = self.negotiated = _Negotiated()
             if topic:
-                aliases[alias] = topic
+                negotiated.inbound_aliases[alias] = topic
             else:
-                known = aliases.get(alias)
+                known = negotiated.inbound_aliases.get(alias)
                 if known is None:
                     raise MqttError(ReasonCode.PROTOCOL_ERROR, f"unknown topic alias {alias}")
                 topic = known
@@ -721,8 +786,8 @@ class MqttConnection:
         self, topic: str, packet: Publish, props: Properties | None
     ) -> int:
         """Publish into the hub; returns the 5.0 reason code for the acknowledgement."""
-        node = self.node
-        assert self.principal is not None
+        node, principal = self.node, self.principal
+        assert principal is not None
         cache = self.allowed
         if cache is None:
             cache = self.allowed = {}
@@ -730,7 +795,7 @@ class MqttConnection:
         if allowed is None:
             if channel_error(topic) is not None:
                 return ReasonCode.TOPIC_NAME_INVALID
-            allowed = node.may_publish(self.principal, topic)
+            allowed = node.may_publish(principal, topic)
             if len(cache) >= 256:
                 cache.clear()
             cache[topic] = allowed
@@ -746,7 +811,7 @@ class MqttConnection:
             except UnicodeDecodeError:
                 return ReasonCode.PAYLOAD_FORMAT_INVALID
         meta = MqttMeta(packet.qos, packet.retain, props)
-        user = self.principal.user
+        user = principal.user
         try:
             await node.publish(
                 topic, packet.payload, user=user, client=self.client_id, source="mqtt", meta=meta
@@ -784,8 +849,9 @@ class MqttConnection:
                 continue
             if shared is not None and options.no_local:
                 raise MqttError(ReasonCode.PROTOCOL_ERROR, "no local on a shared subscription")
-            value = SubscriptionValue(options, identifier)
-            state.subscriptions[topic_filter] = value
+            value = _subscription_value(options, identifier)
+            if not existed:
+                state.subscriptions += (topic_filter,)
             codes.append(options.qos)
             if shared is not None:
                 await self.server.join_group(shared[0], target, state, value)
@@ -810,9 +876,10 @@ class MqttConnection:
         assert state is not None
         codes: list[int] = []
         for topic_filter in packet.topic_filters:
-            if state.subscriptions.pop(topic_filter, None) is None:
+            if topic_filter not in state.subscriptions:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
+            state.subscriptions = tuple(f for f in state.subscriptions if f != topic_filter)
             await self.server.drop_subscription(state, topic_filter)
             codes.append(ReasonCode.SUCCESS)
         self.send_packet(UnsubAck(packet.packet_id, codes if self.version == MQTT_5 else []))
@@ -821,11 +888,12 @@ class MqttConnection:
 
     def send_packet(self, packet: Packet) -> None:
         if not self.closed:
-            self.outbound.push(encode(packet, self.version))
+            self.push(encode(packet, self.version))
 
     def push_raw(self, packet: bytes) -> None:
-        if not self.closed and len(packet) <= self.max_outgoing_packet:
-            self.outbound.push(packet)
+        negotiated = self.negotiated
+        if not self.closed and (negotiated is None or len(packet) <= negotiated.max_packet):
+            self.push(packet)
 
     def write_publish(
         self,
@@ -840,22 +908,26 @@ class MqttConnection:
         if self.closed:
             return
         topic = channel
-        if self.alias_maximum:
-            topic, props = self._aliased(channel, props)
+        negotiated = self.negotiated
+        if negotiated is not None and negotiated.alias_maximum:
+            topic, props = self._aliased(negotiated, channel, props)
         packet = encode_publish(topic, data, qos, retain, dup, packet_id, self.version, props)
-        if len(packet) <= self.max_outgoing_packet:  # 5.0: never above the device's maximum
-            self.outbound.push(packet)
+        # 5.0: never above the device's maximum
+        if negotiated is None or len(packet) <= negotiated.max_packet:
+            self.push(packet)
 
-    def _aliased(self, channel: str, props: Properties | None) -> tuple[str, Properties | None]:
+    @staticmethod
+    def _aliased(
+        negotiated: _Negotiated, channel: str, props: Properties | None
+    ) -> tuple[str, Properties | None]:
         """5.0 outbound topic alias: the topic once, then only its number."""
-        aliases = self.outbound_aliases
-        assert aliases is not None  # set with alias_maximum
-        alias = aliases.get(channel)
+        outbound = negotiated.outbound_aliases
+        alias = outbound.get(channel)
         known = alias is not None
         if alias is None:
-            if len(aliases) >= self.alias_maximum:
+            if len(outbound) >= negotiated.alias_maximum:
                 return channel, props
-            alias = aliases[channel] = len(aliases) + 1
+            alias = outbound[channel] = len(outbound) + 1
         aliased = Properties() if props is None else copy.copy(props)
         aliased.topic_alias = alias
         return ("" if known else channel), aliased
@@ -896,26 +968,27 @@ class MqttConnection:
         self.close()
 
     def close(self) -> None:
-        """Flush what is queued and close; the session and will follow in connection_lost."""
+        """Flush what is queued and close; the session and will follow in `ended`."""
         if self.closed:
             return
-        self.outbound.flush_now()
+        self.flush_now()
         self.closed = True
-        self.outbound.closed = True
-        self.transport.close()
+        self.close_transport()
 
-    def _on_overflow(self) -> None:
-        self.node.loop.call_soon(self.disconnect, ReasonCode.QUOTA_EXCEEDED, "slow reader")
+    def overflowed(self) -> None:
+        # A slow reader: its output is dropped already; close at the next tick, not in the
+        # middle of a fan-out.
+        self.node.loop.call_soon(self.close_transport)
 
-    def connection_lost(self) -> None:
+    def ended(self) -> None:
+        """The transport is gone (closed by either side)."""
         self.closed = True
-        self.outbound.closed = True
         if self.runner is not None:
             self.runner.cancel()
-        self.server.connections.discard(self)
+        self.server.detach(self)
         state = self.state
         if state is not None and state.connection is self:
-            state.detach(self.will if self.connected else None)
+            state.detach(self.will)
 
 
 class MqttServer:
@@ -924,21 +997,46 @@ class MqttServer:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.sessions: dict[str, SessionState] = {}
-        self.connections: set[MqttConnection] = set()
+        # Connections before their CONNECT is accepted (a dict, not a set: less than half the
+        # memory per entry); the others are found through their sessions.
+        self.connecting: dict[MqttConnection, None] = {}
+        self.open_connections = 0
+        # Seconds, counted by `tick`. A connection notes the count at its last packet: an int
+        # shared by every connection heard from in the same second, where a time of its own
+        # would be a float per connection (idle memory counts).
+        self.ticks = 0
+        self._ints: dict[int, int] = {}
         self.groups: dict[tuple[str, str], SharedGroup] = {}
         # One publication's QoS 0 packets, per version, while the hub fans it out.
         self._cached: Publication | None = None
         self._cached_packets: dict[int, bytes] = {}
         node.tickers.append(self.tick)
         node.metrics.gauge(
-            "mqtt_connections", "Open MQTT connections.", lambda: len(self.connections)
+            "mqtt_connections", "Open MQTT connections.", lambda: self.open_connections
         )
         node.metrics.gauge(
             "mqtt_sessions", "MQTT sessions, connected or kept.", lambda: len(self.sessions)
         )
 
+    def shared_int(self, value: int) -> int:
+        """`value`, as one object per value for up to 1,024 values (keep-alives: devices
+        use a handful, and an int above 256 is 32 bytes of each connection's memory)."""
+        ints = self._ints
+        shared = ints.get(value)
+        if shared is None:
+            if len(ints) >= 1024:
+                return value
+            shared = ints[value] = value
+        return shared
+
     def attach(self, connection: MqttConnection) -> None:
-        self.connections.add(connection)
+        self.open_connections += 1
+        self.connecting[connection] = None
+
+    def detach(self, connection: MqttConnection) -> None:
+        """The connection is gone (`attach` was called for it, once)."""
+        self.open_connections -= 1
+        self.connecting.pop(connection, None)
 
     async def take(
         self, client_id: str, principal: Principal, clean_start: bool, connection: MqttConnection
@@ -1006,17 +1104,16 @@ class MqttServer:
     async def _discard(self, state: SessionState) -> None:
         if self.sessions.get(state.client_id) is state:
             del self.sessions[state.client_id]
-        if state.will_timer is not None:
-            state.will_timer.cancel()
-            state.will_timer = None
-            if state.will is not None:  # the session ends before the will delay: publish now
-                self.publish_will(state, state.will)
-                state.will = None
-        for topic_filter in list(state.subscriptions):
+        if state.delayed_will is not None:  # the session ends before the will delay: publish now
+            will, timer = state.delayed_will
+            timer.cancel()
+            state.delayed_will = None
+            self.publish_will(state, will)
+        for topic_filter in state.subscriptions:
             await self.drop_subscription(state, topic_filter)
-        state.subscriptions.clear()
+        state.subscriptions = ()
         state.pending = None
-        state.inflight.clear()
+        state.inflight = _NO_MESSAGES
 
     def publish_will(self, state: SessionState, will: Will) -> None:
         self.node.loop.create_task(self._publish_will(state, will))
@@ -1045,21 +1142,34 @@ class MqttServer:
 
     def tick(self, now: float) -> None:
         deadline = self.node.config.client.connect_timeout
-        for connection in list(self.connections):
-            if not connection.connected:
-                if now - connection.last_rx > deadline:
-                    connection.close()
-            elif connection.keep_alive and now - connection.last_rx > 1.5 * connection.keep_alive:
-                connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep-alive expired")
-        expired = [
-            state
-            for state in self.sessions.values()
-            if state.connection is None and state.expires_at and state.expires_at <= now
-        ]
+        self.ticks += 1
+        ticks = self.ticks
+        # A connection's last bytes came after tick `rx_tick`, and ticks are at least a second
+        # apart: `ticks - rx_tick - 1` is a lower bound of its silence in seconds.
+        for late in [c for c in self.connecting if ticks - c.rx_tick - 1 > deadline]:
+            late.close()
+        silent: list[MqttConnection] = []
+        expired: list[SessionState] = []
+        for state in self.sessions.values():
+            connection = state.connection
+            if connection is None:
+                if state.expires_at and state.expires_at <= now:
+                    expired.append(state)
+            elif (
+                connection.keep_alive
+                and ticks - connection.rx_tick - 1 > 1.5 * connection.keep_alive
+            ):
+                silent.append(connection)
+        for connection in silent:
+            connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep-alive expired")
         for state in expired:
             self.end(state)
 
     def shutdown(self) -> None:
         """Drain: 5.0 devices are told why; their connections end (wills per the spec)."""
-        for connection in list(self.connections):
+        connections = list(self.connecting)
+        for state in self.sessions.values():
+            if state.connection is not None:
+                connections.append(state.connection)
+        for connection in connections:
             connection.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")

@@ -110,6 +110,7 @@ _MEMO_SIZE = 4096
 # own topic) that use one of the three, and idle memory per connection counts. Never
 # written to: every write site swaps in a fresh dict first.
 _NONE: dict[Any, Any] = {}
+_MISSING: Any = object()  # a pop's default: values may be None
 
 
 class _Node(Generic[K, V]):
@@ -125,18 +126,36 @@ class _Node(Generic[K, V]):
         return not (self.children or self.single or self.multi or self.members)
 
 
+class _One(Generic[K, V]):
+    """The only member of an exact filter: a topic's own device, most often. 48 bytes,
+    where a one-entry dict costs ~220."""
+
+    __slots__ = ("member", "value")
+
+    def __init__(self, member: K, value: V) -> None:
+        self.member = member
+        self.value = value
+
+
 class FilterTrie(Generic[K, V]):
-    """Wildcard filters -> {member: value}, matched against a channel level by level, so the
-    cost of a publication does not grow with the number of filters."""
+    """Filters -> {member: value}, matched against a channel. Wildcard filters live in a
+    trie, matched level by level, so the cost of a publication does not grow with the
+    number of filters; filters without wildcards (a device's own topic, the common case) in
+    a dict by topic, with no trie node, and no dict of members while there is only one."""
 
     def __init__(self) -> None:
         self._root: _Node[K, V] = _Node()
+        self._exact: dict[str, _One[K, V] | dict[K, V]] = {}
         self.size = 0
         # channel -> match result; publications repeat channels, subscriptions change
-        # rarely: any add or remove clears it.
+        # rarely. A change to an exact filter drops its own channel (unless it only changed
+        # a members dict that memoized results share); a wildcard one's clears them all.
         self._memo: dict[str, list[dict[K, V]]] = {}
 
     def add(self, topic_filter: str, member: K, value: V) -> None:
+        if "+" not in topic_filter and "#" not in topic_filter:
+            self._add_exact(topic_filter, member, value)
+            return
         self._memo.clear()
         node = self._root
         levels = topic_filter.split("/")
@@ -165,14 +184,33 @@ class FilterTrie(Generic[K, V]):
             node.members = {}
         node.members[member] = value
 
+    def _add_exact(self, topic: str, member: K, value: V) -> None:
+        entry = self._exact.get(topic)
+        if isinstance(entry, dict):
+            if member not in entry:
+                self.size += 1
+            entry[member] = value
+            return
+        if entry is None:
+            self._exact[topic] = _One(member, value)
+            self.size += 1
+        elif entry.member == member:
+            entry.value = value
+        else:
+            self._exact[topic] = {entry.member: entry.value, member: value}
+            self.size += 1
+        self._memo.pop(topic, None)
+
     def remove(self, topic_filter: str, member: K) -> bool:
+        if "+" not in topic_filter and "#" not in topic_filter:
+            return self._remove_exact(topic_filter, member)
         self._memo.clear()
         path: list[tuple[_Node[K, V], str]] = []
         node: _Node[K, V] | None = self._root
         for level in topic_filter.split("/"):
             assert node is not None
             if level == "#":
-                if node.multi.pop(member, None) is None:
+                if node.multi.pop(member, _MISSING) is _MISSING:
                     return False
                 path.append((node, ""))
                 break
@@ -182,7 +220,7 @@ class FilterTrie(Generic[K, V]):
                 return False
         else:
             assert node is not None
-            if node.members.pop(member, None) is None:
+            if node.members.pop(member, _MISSING) is _MISSING:
                 return False
             path.append((node, ""))
         self.size -= 1
@@ -198,6 +236,25 @@ class FilterTrie(Generic[K, V]):
                 del parent.children[level]
         return True
 
+    def _remove_exact(self, topic: str, member: K) -> bool:
+        entry = self._exact.get(topic)
+        if entry is None:
+            return False
+        if isinstance(entry, dict):
+            if entry.pop(member, _MISSING) is _MISSING:
+                return False
+            if len(entry) == 1:
+                ((other, value),) = entry.items()
+                self._exact[topic] = _One(other, value)
+                self._memo.pop(topic, None)
+        elif entry.member == member:
+            del self._exact[topic]
+            self._memo.pop(topic, None)
+        else:
+            return False
+        self.size -= 1
+        return True
+
     def match(self, channel: str) -> list[dict[K, V]]:
         """The member dicts of every filter that matches `channel` (do not modify)."""
         found = self._memo.get(channel)
@@ -209,7 +266,14 @@ class FilterTrie(Generic[K, V]):
         return found
 
     def _match(self, channel: str) -> list[dict[K, V]]:
-        found: list[dict[K, V]] = []
+        exact = self._exact.get(channel)
+        found: list[dict[K, V]]
+        if exact is None:
+            found = []
+        elif isinstance(exact, dict):
+            found = [exact]
+        else:
+            found = [{exact.member: exact.value}]  # kept in the memo while it is used
         levels = channel.split("/")
         last = len(levels)
 

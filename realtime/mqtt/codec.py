@@ -650,6 +650,30 @@ def _first_byte_table(version: int | None, server: bool, connected: bool) -> byt
     return bytes(0 if error is None else error.reason_code for error in errors)
 
 
+class _State:
+    """Where a decoder is, and what it accepts there. Immutable, and shared by every decoder
+    in the same state: a connection's decoder holds little more than a pointer to it."""
+
+    __slots__ = ("closed", "connected", "max_packet_size", "server", "table", "version")
+
+    def __init__(
+        self, version: int | None, server: bool, connected: bool, closed: bool, max_packet_size: int
+    ) -> None:
+        self.version = version
+        self.server = server
+        self.connected = connected
+        self.closed = closed  # after a DISCONNECT: later bytes are ignored
+        self.max_packet_size = max_packet_size
+        self.table = _first_byte_table(version, server, connected)
+
+
+@cache
+def _state(
+    version: int | None, server: bool, connected: bool, closed: bool, max_packet_size: int
+) -> _State:
+    return _State(version, server, connected, closed, max_packet_size)
+
+
 class PacketDecoder:
     """Streaming decoder for one direction of one connection.
 
@@ -665,17 +689,7 @@ class PacketDecoder:
     After a DISCONNECT, later bytes are ignored (the sender must not send any).
     """
 
-    __slots__ = (
-        "_buffer",
-        "_closed",
-        "_connected",
-        "_error",
-        "_need",
-        "_table",
-        "max_packet_size",
-        "server",
-        "version",
-    )
+    __slots__ = ("_buffer", "_error", "_need", "_state")
 
     def __init__(
         self,
@@ -693,35 +707,59 @@ class PacketDecoder:
             raise ValueError("a server learns the version from CONNECT: pass connected=True")
         if not 2 <= max_packet_size <= MAX_PACKET_SIZE:
             raise ValueError(f"max_packet_size must be 2..{MAX_PACKET_SIZE}")
-        self.version = version
-        self.server = server
-        self.max_packet_size = max_packet_size
-        self._connected = connected
-        self._buffer = bytearray()
+        self._state = _state(version, server, connected, False, max_packet_size)
+        # Only while a packet is split across chunks: idle connections hold no buffer.
+        self._buffer: bytearray | None = None
         self._need = 0  # bytes the buffer must hold before the next packet can be decoded
-        self._closed = False
         self._error: MqttError | None = None
-        self._table = _first_byte_table(version, server, connected)
+
+    @property
+    def version(self) -> int | None:
+        """The protocol level: given, or learnt from CONNECT (None until then)."""
+        return self._state.version
+
+    @property
+    def server(self) -> bool:
+        return self._state.server
+
+    @property
+    def max_packet_size(self) -> int:
+        return self._state.max_packet_size
+
+    @max_packet_size.setter
+    def max_packet_size(self, value: int) -> None:
+        state = self._state
+        self._state = _state(state.version, state.server, state.connected, state.closed, value)
+
+    def _enter(self, version: int | None, connected: bool, closed: bool = False) -> None:
+        state = self._state
+        self._state = _state(version, state.server, connected, closed, state.max_packet_size)
 
     @property
     def buffered(self) -> int:
         """Bytes held for a packet that is not complete yet."""
-        return len(self._buffer)
+        return len(self._buffer) if self._buffer is not None else 0
+
+    @property
+    def error(self) -> MqttError | None:
+        """The error that ended the stream (raised by `feed`), if any."""
+        return self._error
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[Packet]:
         """Take the next bytes of the stream; return the packets they complete, in order."""
         if self._error is not None:
             self._error.packets = []  # those were handed out with the first raise
             raise self._error
-        if self._closed:
+        state = self._state
+        if state.closed:
             return []
         buffer = self._buffer
-        if buffer:
+        if buffer is not None:
             buffer += chunk
             if len(buffer) < self._need:
                 return []
             data = bytes(buffer)
-            buffer.clear()
+            self._buffer = None
         elif type(chunk) is bytes:
             data = chunk
         else:
@@ -730,15 +768,15 @@ class PacketDecoder:
         append = packets.append
         end = len(data)
         pos = 0
-        table = self._table
-        limit = self.max_packet_size
-        v5 = self.version == MQTT_5
+        table = state.table
+        limit = state.max_packet_size
+        v5 = state.version == MQTT_5
         try:
             # The loop is one function on purpose: PUBLISH is decoded inline, without a call.
             while pos < end:
                 first = data[pos]
                 if table[first]:
-                    error = _first_byte_error(first, self.version, self.server, self._connected)
+                    error = _first_byte_error(first, state.version, state.server, state.connected)
                     assert error is not None
                     raise error
                 # Remaining length: a variable byte integer of 1 to 4 bytes.
@@ -784,10 +822,11 @@ class PacketDecoder:
                 if first >> 4 != 3:
                     append(self._decode_other(first >> 4, data, body, stop))
                     pos = stop
-                    if self._closed:
+                    state = self._state
+                    if state.closed:
                         break
-                    table = self._table
-                    v5 = self.version == MQTT_5
+                    table = state.table
+                    v5 = state.version == MQTT_5
                     continue
 
                 # PUBLISH; its fixed header flags were checked through the table.
@@ -838,8 +877,8 @@ class PacketDecoder:
             exc.packets = packets
             self._error = exc
             raise
-        if pos < end and not self._closed:
-            buffer += memoryview(data)[pos:]
+        if pos < end and not state.closed:
+            self._buffer = bytearray(memoryview(data)[pos:])
         return packets
 
     def _check_publish_properties(self, props: Properties | None, topic: str) -> None:
@@ -847,22 +886,22 @@ class PacketDecoder:
             return
         if not topic and props.topic_alias is None:
             raise protocol_error("PUBLISH: empty topic name without a topic alias")
-        if self.server and props.subscription_identifiers:
+        if self._state.server and props.subscription_identifiers:
             raise protocol_error("PUBLISH: subscription identifier from a client")
         _check_response_topic(props, "PUBLISH")
 
     def _decode_other(self, ptype: int, data: bytes, pos: int, end: int) -> Packet:
         if ptype == P.CONNECT:
             packet: Packet = self._decode_connect(data, pos, end)
-            self._connected = True
-        else:
-            assert self.version is not None  # the table refuses all but CONNECT until known
-            packet = _DECODERS[ptype](data, pos, end, self.version)
-            if ptype == P.CONNACK:
-                self._connected = True
-            elif ptype == P.DISCONNECT:
-                self._closed = True
-        self._table = _first_byte_table(self.version, self.server, self._connected)
+            self._enter(self._state.version, True)
+            return packet
+        state = self._state
+        assert state.version is not None  # the table refuses all but CONNECT until known
+        packet = _DECODERS[ptype](data, pos, end, state.version)
+        if ptype == P.CONNACK:
+            self._enter(state.version, True)
+        elif ptype == P.DISCONNECT:
+            self._enter(state.version, state.connected, closed=True)
         return packet
 
     def _decode_connect(self, data: bytes, pos: int, end: int) -> Connect:
@@ -880,7 +919,7 @@ class PacketDecoder:
                 ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, f"CONNECT: protocol level {level}"
             )
         # Known from here on, so that a later fault in this CONNECT is answered in its dialect.
-        self.version = level
+        self._enter(level, False)
         v5 = level == MQTT_5
         if end - pos < 3:
             raise malformed("CONNECT: truncated variable header")

@@ -1,7 +1,8 @@
-"""MQTT over TCP: an asyncio.Protocol per connection around an MqttConnection.
+"""MQTT over TCP: the MqttConnection of each connection is its asyncio.Protocol too.
 
-Bytes in go to the session's streaming decoder; packets out are queued on its Outbound
-and written once per loop tick, like WebSocket frames. No task per connection.
+Bytes in go to the connection's streaming decoder; packets out are queued on the connection
+(it is its own outbound queue) and written once per loop tick, like WebSocket frames. No
+task per connection, and no protocol object apart from the connection (idle memory counts).
 """
 
 from __future__ import annotations
@@ -12,51 +13,48 @@ from typing import cast
 
 from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
-from realtime.metrics import Metrics
 
 
-class MqttProtocol(asyncio.Protocol):
-    __slots__ = ("listener", "metrics", "session", "transport")
+class MqttProtocol(MqttConnection, asyncio.Protocol):
+    __slots__ = ("transport",)
 
-    def __init__(self, listener: MqttListener) -> None:
-        self.listener = listener
-        self.metrics: Metrics = listener.node.metrics
+    def __init__(self, server: MqttServer) -> None:
+        super().__init__(server)
         self.transport: asyncio.Transport | None = None
-        self.session: MqttConnection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        node = self.listener.node
-        self.transport.set_write_buffer_limits(high=node.config.limits.max_queue_bytes)
-        peer = transport.get_extra_info("peername")
-        remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.session = MqttConnection(self.listener.server, self, remote)
-        self.listener.server.attach(self.session)
+        # pause_writing() fires when this many bytes wait in the socket buffer (see
+        # OutboundQueue.overflow).
+        self.transport.set_write_buffer_limits(high=self.limit)
+        self.server.attach(self)
 
     def data_received(self, data: bytes) -> None:
-        self.metrics.bytes_in += len(data)
-        if self.session is not None:
-            self.session.receive(data)
+        self.node.metrics.bytes_in += len(data)
+        self.receive(data)
 
     def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session.outbound.overflow()
+        self.overflow()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None:
-            self.session.connection_lost()
+        self.ended()
 
-    # Sink
     def write_payloads(self, payloads: list[bytes], size: int) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self.metrics.bytes_out += size
+        self.node.metrics.bytes_out += size
         transport.write(payloads[0] if len(payloads) == 1 else b"".join(payloads))
 
-    def close(self) -> None:
+    def close_transport(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def remote(self) -> str:
+        # uvloop keeps the peer address in the transport: nothing is allocated until asked.
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 class MqttListener:
@@ -68,14 +66,14 @@ class MqttListener:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await self.node.loop.create_server(
-            lambda: MqttProtocol(self), host, port, backlog=4096, reuse_address=True
+            lambda: MqttProtocol(self.server), host, port, backlog=4096, reuse_address=True
         )
         config = self.node.config.mqtt
         if config.tls_cert_file:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
             self._tls_server = await self.node.loop.create_server(
-                lambda: MqttProtocol(self),
+                lambda: MqttProtocol(self.server),
                 host,
                 config.tls_port,
                 ssl=context,
@@ -104,5 +102,5 @@ class MqttListener:
     async def drain(self, timeout: float) -> None:
         self.server.shutdown()
         deadline = self.node.loop.time() + timeout
-        while self.server.connections and self.node.loop.time() < deadline:
+        while self.server.open_connections and self.node.loop.time() < deadline:
             await asyncio.sleep(0.05)

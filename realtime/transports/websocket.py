@@ -116,20 +116,26 @@ def _json_response(protocol: ServerProtocol, status: int, body: dict[str, Any]) 
     return response
 
 
-class _MqttFrames:
-    """MQTT bytes out of an MqttConnection, as binary WebSocket frames."""
+class MqttOverWebSocket(MqttConnection):
+    """An MQTT connection carried by a WebSocket connection: its bytes out go as binary
+    frames."""
 
     __slots__ = ("connection",)
 
-    def __init__(self, connection: WebSocketConnection) -> None:
+    def __init__(self, server: MqttServer, connection: WebSocketConnection) -> None:
+        super().__init__(server)
         self.connection = connection
 
     def write_payloads(self, payloads: list[bytes], size: int) -> None:
         body = payloads[0] if len(payloads) == 1 else b"".join(payloads)
         self.connection.write_payloads([frame_header(OP_BINARY, size) + body], size)
 
-    def close(self) -> None:
+    def close_transport(self) -> None:
         self.connection.close(1000, "")
+
+    @property
+    def remote(self) -> str:
+        return self.connection.remote
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -156,7 +162,7 @@ class WebSocketConnection(asyncio.Protocol):
             logger=_quiet_logger,
         )
         self.session: Session | None = None
-        self.mqtt: MqttConnection | None = None
+        self.mqtt: MqttOverWebSocket | None = None
         self.metrics: Metrics = server.node.metrics
         self._fragments: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -192,7 +198,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.outbound.overflow()
         elif self.mqtt is not None:
-            self.mqtt.outbound.overflow()
+            self.mqtt.overflow()
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
@@ -207,7 +213,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self.session is not None:
             self.session.connection_lost()
         elif self.mqtt is not None:
-            self.mqtt.connection_lost()
+            self.mqtt.ended()
 
     # ------------------------------------------------------------------ handshake
 
@@ -253,7 +259,7 @@ class WebSocketConnection(asyncio.Protocol):
         token = _handshake_token(request)
         request.headers = _NO_HEADERS
         if protocol.subprotocol == MQTT_SUBPROTOCOL and self.server.mqtt is not None:
-            self.mqtt = MqttConnection(self.server.mqtt, _MqttFrames(self), self.remote)
+            self.mqtt = MqttOverWebSocket(self.server.mqtt, self)
             self.server.mqtt.attach(self.mqtt)
             return
         codec = CODECS.get(protocol.subprotocol or "", JSON)
