@@ -267,9 +267,7 @@ async def test_memory_broker_expires_entries_that_are_not_refreshed() -> None:
     await asyncio.sleep(0.3)
     assert set(await broker.presence("room/ttl")) == {"c2"}  # expired even before cleanup
     await broker.housekeeping(0)
-    assert [(c, e.kind, e.entry.client) for c, e in recorder.events] == [
-        ("room/ttl", LEAVE, "c1")
-    ]
+    assert [(c, e.kind, e.entry.client) for c, e in recorder.events] == [("room/ttl", LEAVE, "c1")]
     (status,) = await broker.user_status(["alice"])
     assert not status.online and status.last_seen > 0
     # Removing an entry that had expired is not a leave (it was announced already).

@@ -63,8 +63,12 @@ class MemoryBroker(Broker):
         self._idempotency: dict[tuple[str, str], tuple[float, PublishResult]] = {}
         # channel -> client -> (expires_at, entry)
         self._presence: dict[str, dict[str, tuple[float, PresenceEntry]]] = {}
-        self._online: dict[str, float] = {}  # user -> online until (monotonic)
-        self._last_seen: dict[str, tuple[float, float]] = {}  # user -> (unix time, kept until)
+        # user -> (online until (monotonic), unix time of that refresh): one tuple shared by
+        # every user of a batch, so an online device costs one dict entry here.
+        self._online: dict[str, tuple[float, float]] = {}
+        # user -> (last seen, kept until), unix times; only users who went offline.
+        self._last_seen: dict[str, tuple[float, float]] = {}
+        self._last_seen_ttl = 2_592_000.0  # as configured, learnt from the calls
         self._now = time.monotonic
         self._wall = time.time
 
@@ -230,10 +234,13 @@ class MemoryBroker(Broker):
         return old is not None and old[0] > self._now()
 
     async def set_users_online(self, users: list[str], ttl: float, last_seen_ttl: float) -> None:
-        now, wall = self._now(), self._wall()
+        mark = (self._now() + ttl, self._wall())
+        online, last_seen = self._online, self._last_seen
         for user in users:
-            self._online[user] = now + ttl
-            self._last_seen[user] = (wall, wall + last_seen_ttl)
+            online[user] = mark
+            if last_seen:
+                last_seen.pop(user, None)
+        self._last_seen_ttl = last_seen_ttl
 
     async def set_user_offline(self, user: str, last_seen_ttl: float) -> None:
         self._online.pop(user, None)
@@ -244,13 +251,14 @@ class MemoryBroker(Broker):
         now, wall = self._now(), self._wall()
         out = []
         for user in users:
-            online = self._online.get(user, 0.0) > now
+            mark = self._online.get(user)
+            if mark is not None and mark[0] > now:
+                out.append(UserStatus(user, True, wall))
+                continue
             seen, kept_until = self._last_seen.get(user, (0.0, 0.0))
-            if online:
-                seen = wall
-            elif kept_until <= wall:
-                seen = 0.0
-            out.append(UserStatus(user, online, seen))
+            if mark is not None and mark[1] > seen:  # its node stopped refreshing it
+                seen, kept_until = mark[1], mark[1] + self._last_seen_ttl
+            out.append(UserStatus(user, False, seen if kept_until > wall else 0.0))
         return out
 
     def _live_presence(self, channel: str) -> list[PresenceEntry]:
@@ -276,8 +284,10 @@ class MemoryBroker(Broker):
                 await self.publish_event(channel, ChannelEvent(LEAVE, entry))
             if not entries:
                 del self._presence[channel]
-        for user in [u for u, until in self._online.items() if until <= now]:
-            del self._online[user]
+        for user in [u for u, (until, _) in self._online.items() if until <= now]:
+            # Its node stopped refreshing it (it died): offline, last seen at the last refresh.
+            _, refreshed = self._online.pop(user)
+            self._last_seen[user] = (refreshed, refreshed + self._last_seen_ttl)
         wall = self._wall()
         for user in [u for u, (_, kept) in self._last_seen.items() if kept <= wall]:
             del self._last_seen[user]

@@ -45,9 +45,9 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from realtime.auth import AuthError, Principal
-from realtime.core.broker import BrokerUnavailable, Publication
+from realtime.core.broker import BrokerUnavailable, PresenceEntry, Publication
 from realtime.core.ratelimit import TokenBucket
-from realtime.core.topics import channel_error
+from realtime.core.topics import channel_error, is_exact
 from realtime.core.writer import OutboundQueue
 from realtime.log import event
 from realtime.mqtt.codec import MAX_PACKET_SIZE, PacketDecoder, encode, encode_publish
@@ -352,6 +352,10 @@ class SessionState:
     def resume(self, connection: MqttConnection) -> None:
         """A connection took this session (new or resumed): re-send what is unacknowledged."""
         self.connection = connection
+        node = self.server.node
+        for topic_filter in self.subscriptions:
+            if is_exact(topic_filter):  # present again where it subscribed to the topic itself
+                node.presence_join_soon(topic_filter, self.presence_entry())
         if self.delayed_will is not None:
             self.delayed_will[1].cancel()
             self.delayed_will = None
@@ -362,9 +366,19 @@ class SessionState:
                 connection.write_message(message, packet_id, dup=True)
         self.drain()
 
+    def presence_entry(self) -> PresenceEntry:
+        principal = self.principal
+        return PresenceEntry(
+            self.client_id, principal.user, principal.device, principal.info or None, "mqtt"
+        )
+
     def detach(self, will: Will | None) -> None:
         """The connection ended: keep the session for its expiry, or end it now."""
         self.connection = None
+        node = self.server.node
+        for topic_filter in self.subscriptions:
+            if is_exact(topic_filter):  # an offline device is present nowhere
+                node.presence_leave(topic_filter, self.client_id)
         loop = self.server.node.loop
         if self.expiry:
             self.expires_at = loop.time() + self.expiry if self.expiry != NEVER_EXPIRES else 0
@@ -699,6 +713,7 @@ class MqttConnection(OutboundQueue):
                 ack_props.session_expiry_interval = state.expiry
         self.send_packet(ConnAck(session_present=present, reason_code=0, properties=ack_props))
         state.resume(self)
+        self.node.presence.user_connected(principal.user)
         self.node.metrics.connections_accepted += 1
         event(
             log,
@@ -859,6 +874,8 @@ class MqttConnection(OutboundQueue):
             node.hub.add_filter(topic_filter, state, value)
             if not existed:
                 await node.subscribe_filter(topic_filter)
+                if is_exact(topic_filter):  # a device is present where it subscribed exactly
+                    await node.presence_join(topic_filter, state.presence_entry())
             if options.retain_handling == 0 or (options.retain_handling == 1 and not existed):
                 retained_for.append((topic_filter, value))
         self.send_packet(SubAck(packet.packet_id, codes))
@@ -987,8 +1004,10 @@ class MqttConnection(OutboundQueue):
             self.runner.cancel()
         self.server.detach(self)
         state = self.state
-        if state is not None and state.connection is self:
-            state.detach(self.will)
+        if state is not None:
+            self.node.presence.user_disconnected(state.principal.user)
+            if state.connection is self:
+                state.detach(self.will)
 
 
 class MqttServer:
@@ -1087,6 +1106,8 @@ class MqttServer:
         shared = split_shared(topic_filter)
         if shared is None:
             self.node.hub.remove_filter(topic_filter, state)
+            if is_exact(topic_filter):
+                self.node.presence_leave(topic_filter, state.client_id)
             await self.node.unsubscribe_filter(topic_filter)
             return
         group = self.groups.get(shared)

@@ -329,6 +329,11 @@ class Node:
         if ns.config.presence:
             await self.presence.join(channel, entry, ns.config.join_leave)
 
+    def presence_join_soon(self, channel: str, entry: PresenceEntry) -> None:
+        ns = self.namespace(channel)
+        if ns.config.presence:
+            self.presence.join_soon(channel, entry, ns.config.join_leave)
+
     def presence_leave(self, channel: str, client: str) -> None:
         ns = self.namespace(channel)
         if ns.config.presence:

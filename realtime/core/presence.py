@@ -48,6 +48,14 @@ class PresenceTracker:
         if new and announce:
             await self.broker.publish_event(channel, ChannelEvent(JOIN, entry))
 
+    def join_soon(self, channel: str, entry: PresenceEntry, announce: bool) -> None:
+        """`join` in the background (from code that cannot wait, e.g. a session resuming)."""
+
+        async def call() -> None:
+            await self.join(channel, entry, announce)
+
+        self._enqueue(call)
+
     def leave(self, channel: str, client: str, announce: bool) -> None:
         """Remove the entry in the background (called from disconnects, which cannot wait)."""
         entries = self.local.get(channel)

@@ -46,6 +46,12 @@ def filter_error(topic_filter: str) -> str | None:
     return None
 
 
+def is_exact(topic_filter: str) -> bool:
+    """True for a filter that names one channel (no wildcard, not `$share/...`, not a
+    `$` topic): what makes an MQTT device present in a channel."""
+    return "+" not in topic_filter and "#" not in topic_filter and not topic_filter.startswith("$")
+
+
 def filter_matches(topic_filter: str, channel: str) -> bool:
     if topic_filter == channel:
         return True
