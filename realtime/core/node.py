@@ -477,13 +477,13 @@ class Node:
 
     # ------------------------------------------------------------------ presence
 
-    def _presence_namespace(self, channel: str) -> Namespace:
+    def _namespace_with(self, channel: str, feature: str, what: str) -> Namespace:
+        """The channel's namespace, when it has `feature` (a NamespaceConfig flag) on."""
         self.check_channel(channel)
         ns = self.namespace(channel)
-        if not ns.config.presence:
+        if not getattr(ns.config, feature):
             raise ProtocolError(
-                ErrorCode.NOT_AVAILABLE,
-                f"{channel}: presence is not enabled in namespace {ns.name!r}",
+                ErrorCode.NOT_AVAILABLE, f"{channel}: {what} not enabled in namespace {ns.name!r}"
             )
         return ns
 
@@ -495,7 +495,7 @@ class Node:
         self, channel: str, principal: Principal | None = None
     ) -> dict[str, PresenceEntry]:
         """Who is in `channel`; `principal` None is the server API (no permission check)."""
-        ns = self._presence_namespace(channel)
+        ns = self._namespace_with(channel, "presence", "presence is")
         if principal is not None:
             self._check_reader(principal, ns, channel)
         return await self.broker.presence(channel)
@@ -503,7 +503,7 @@ class Node:
     async def presence_stats(
         self, channel: str, principal: Principal | None = None
     ) -> PresenceStats:
-        ns = self._presence_namespace(channel)
+        ns = self._namespace_with(channel, "presence", "presence is")
         if principal is not None:
             self._check_reader(principal, ns, channel)
         return await self.broker.presence_stats(channel)
@@ -532,13 +532,7 @@ class Node:
     async def client_typing(self, session: Session, channel: str, active: bool) -> bool:
         """Forward a typing change; False when throttled (an earlier event still holds)."""
         assert session.principal is not None
-        self.check_channel(channel)
-        ns = self.namespace(channel)
-        if not ns.config.typing:
-            raise ProtocolError(
-                ErrorCode.NOT_AVAILABLE,
-                f"{channel}: typing indicators are not enabled in namespace {ns.name!r}",
-            )
+        ns = self._namespace_with(channel, "typing", "typing indicators are")
         if channel not in session.channels:
             raise ProtocolError(
                 ErrorCode.NOT_SUBSCRIBED, f"subscribe to {channel} before typing in it"
