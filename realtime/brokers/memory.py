@@ -50,6 +50,7 @@ class _Stream:
 class MemoryBroker(Broker):
     name = "memory"
     publishes_at_once = True
+    single_node = True
 
     def __init__(self) -> None:
         self._handler: BrokerHandler | None = None

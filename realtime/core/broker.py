@@ -134,6 +134,10 @@ class Broker(ABC):
     name: str
     # True when `publish_nowait` works (nothing to wait for, as in the memory broker).
     publishes_at_once = False
+    # True when the calling node is the broker's only node (the memory broker): what the
+    # node knows itself, such as who is connected, is all there is, and need not be
+    # written to the broker for other nodes.
+    single_node = False
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None: ...

@@ -525,7 +525,12 @@ class Node:
             )
         if any(not user or len(user) > 256 for user in users):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "user ids must be 1..256 characters")
-        return await self.broker.user_status(users)
+        statuses = await self.broker.user_status(users)
+        now = self.wall_time()
+        return [
+            UserStatus(s.user, True, now) if self.presence.is_online(s.user) else s
+            for s in statuses
+        ]
 
     # ------------------------------------------------------------------ typing
 

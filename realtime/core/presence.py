@@ -3,7 +3,9 @@
 The broker holds the shared view (entries with a TTL, online marks, last-seen times). This
 module owns what *this node* put there and keeps it alive: every `ttl / 3` seconds it
 refreshes all of its entries and online marks in one batch, so when the node dies its
-clients drop out of presence within `ttl` seconds, with a leave event.
+clients drop out of presence within `ttl` seconds, with a leave event. With a single-node
+broker (memory) online marks are not written at all: the node's own count answers, which
+keeps an idle device's cost for user status to one dict entry.
 
 Broker calls run in order on one worker task that exists only while calls are waiting,
 so a quick leave-then-join (or offline-then-online) can never land in the wrong order,
@@ -78,13 +80,17 @@ class PresenceTracker:
     def user_connected(self, user: str) -> None:
         count = self.online.get(user, 0)
         self.online[user] = count + 1
-        if count == 0:
+        if count == 0 and not self.broker.single_node:
             config = self.config
 
             async def call() -> None:
                 await self.broker.set_users_online([user], config.ttl, config.last_seen_ttl)
 
             self._enqueue(call)
+
+    def is_online(self, user: str) -> bool:
+        """Connected to this node (the broker knows about the others)."""
+        return user in self.online
 
     def user_disconnected(self, user: str) -> None:
         count = self.online.get(user, 0) - 1
@@ -115,7 +121,8 @@ class PresenceTracker:
             for channel, clients in self.local.items()
             for entry in clients.values()
         ]
-        users = list(self.online)
+        # A single-node broker asks this node who is online (`is_online`) instead.
+        users = [] if self.broker.single_node else list(self.online)
         config = self.config
 
         async def call() -> None:
