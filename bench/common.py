@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +36,7 @@ import resource
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -671,6 +674,68 @@ def loadgen_parser(
         "--secret", default=os.environ.get("BENCH_HMAC_SECRET", ""), help=secret_help
     )
     return parser
+
+
+# ----------------------------------------------------------------------------- WebSocket clients
+# The pieces of the hand-written protobuf WebSocket clients (bench/fanout, bench/delta): a
+# varint-delimited message, a masked client frame, the HTTP upgrade and its answer.
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def delimited(message: bytes) -> bytes:
+    """One message as realtime.v1.proto frames carry it: its length as a varint, then it."""
+    return varint(len(message)) + message
+
+
+def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """A masked client frame (RFC 6455 5.3: a fresh random key per frame)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+    key = os.urandom(4)
+    if n:
+        mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+        payload = (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
+    return header + key + payload
+
+
+def ws_upgrade_request(host: str, port: int, path: str, subprotocol: str) -> tuple[bytes, bytes]:
+    """(the HTTP upgrade request, its Sec-WebSocket-Key) for a client of `subprotocol`."""
+    key = base64.b64encode(os.urandom(16))
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: " + key.decode() + "\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
+    ).encode()
+    return request, key
+
+
+def ws_upgrade_error(response: bytes, key: bytes, subprotocol: str) -> str | None:
+    """Why the server's answer (up to the blank line) to an upgrade with `key` is not a
+    switch to `subprotocol`; None when it is."""
+    lines = response.decode("latin-1").split("\r\n")
+    pairs = (line.partition(":") for line in lines[1:])
+    headers = {k.strip().lower(): v.strip() for k, _, v in pairs}
+    expected = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+    if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != expected:
+        return f"handshake refused: {lines[0]}"
+    if headers.get("sec-websocket-protocol") != subprotocol:
+        return f"server did not select {subprotocol}"
+    return None
 
 
 def add_timeouts(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,6 @@ import contextlib
 import gc
 import hashlib
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,16 @@ from realtime.protocol import realtime_pb2 as pb
 
 # A script, not a package module: bench/ goes on the path for the shared bench/common.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import LoadGenBase, Stats, add_timeouts, loadgen_parser, mint_token, raise_nofile
+from common import (
+    LoadGenBase,
+    Stats,
+    add_timeouts,
+    client_frame,
+    delimited,
+    loadgen_parser,
+    mint_token,
+    raise_nofile,
+)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBPROTOCOL = "realtime.v1.proto"
@@ -54,36 +62,9 @@ CHANNEL = "bench/fanout"
 CONTROL_CHANNEL = "bench/control"  # the publisher's own subscription (never published to)
 PAYLOAD_BYTES = 100
 
-SETUP, COUNT, RECORD = 0, 1, 2
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def delimited(message: bytes) -> bytes:
-    return varint(len(message)) + message
-
-
-def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:
-    """A masked client frame (RFC 6455 5.3: a fresh random key per frame)."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    key = os.urandom(4)
-    if n:
-        mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
-        payload = (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
-    return header + key + payload
+# SETUP: frames kept for request(); COUNT: publications counted; RECORD: frames kept with
+# their arrival time; DISCARD: subscribed and waiting (join pushes, with presence, dropped).
+SETUP, COUNT, RECORD, DISCARD = 0, 1, 2, 3
 
 
 def count_messages(data: bytes, pos: int, end: int) -> int:
@@ -225,7 +206,7 @@ class Client(asyncio.Protocol):
                     payload = data[start:end]
                     self.stats.samples.append((now, payload))
                     delivered += count_messages(payload, 0, length)
-                else:
+                elif mode == SETUP:
                     self.messages.append(data[start:end])
                     self._wake()
             elif opcode == 0x9:  # ping
@@ -248,31 +229,44 @@ class Client(asyncio.Protocol):
         self.waiter = asyncio.get_running_loop().create_future()
 
     async def request(self, payload: bytes, timeout: float) -> pb.Reply:
-        """Send one Command (delimited) and wait for the next message."""
+        """Send one Command (delimited) and wait for its reply: the next message that is
+        not a push (with presence on, join pushes arrive around subscribe replies)."""
         self.waiter = asyncio.get_running_loop().create_future()
-        before = len(self.messages)
+        seen = len(self.messages)
         assert self.transport is not None
         self.transport.write(client_frame(payload))
-        while len(self.messages) == before:
-            await asyncio.wait_for(self.waiter, timeout)
-            self.waiter = asyncio.get_running_loop().create_future()
-        self.waiter = None
-        frame = self.messages[before]
-        reply = pb.Reply.FromString(_first_message(frame))
-        if reply.HasField("error"):
-            raise RuntimeError(f"server error: {reply.error.code} {reply.error.message}")
-        return reply
+        while True:
+            while len(self.messages) == seen:
+                await asyncio.wait_for(self.waiter, timeout)
+                self.waiter = asyncio.get_running_loop().create_future()
+            frame = self.messages[seen]
+            seen += 1
+            for message in _messages(frame):
+                reply = pb.Reply.FromString(message)
+                if reply.HasField("push"):
+                    continue
+                self.waiter = None
+                if reply.HasField("error"):
+                    raise RuntimeError(f"server error: {reply.error.code} {reply.error.message}")
+                return reply
 
 
-def _first_message(frame: bytes) -> bytes:
-    length, shift, pos = 0, 0, 0
-    while True:
-        b = frame[pos]
-        pos += 1
-        length |= (b & 0x7F) << shift
-        if b < 0x80:
-            return frame[pos : pos + length]
-        shift += 7
+def _messages(frame: bytes) -> list[bytes]:
+    """The varint-delimited messages of a binary frame."""
+    out = []
+    pos, end = 0, len(frame)
+    while pos < end:
+        length, shift = 0, 0
+        while True:
+            b = frame[pos]
+            pos += 1
+            length |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        out.append(frame[pos : pos + length])
+        pos += length
+    return out
 
 
 class LoadGen(LoadGenBase[Client]):
@@ -292,6 +286,7 @@ class LoadGen(LoadGenBase[Client]):
         subscribe = pb.Command(id=2, subscribe=pb.SubscribeRequest(channel=channel))
         await client.request(delimited(subscribe.SerializeToString()), args.step_timeout)
         client.messages = []
+        client.mode = DISCARD
         return client, reply
 
     async def open_subscribers(self, count: int) -> None:

@@ -13,7 +13,10 @@ one CPU) and bench/fanout/loadgen.py runs against it (pinned to another):
   based utime+stime of /proc/<pid>/stat is kept in the --json output);
 - latency: 20,000 deliveries/s as 100 subscribers x 200 publishes/s and as 1,000 x 20;
   p50/p99 in ms (the loadgen timestamps each payload and every subscriber decodes it);
-- idle: C connected and subscribed clients; server RSS growth per connection in KiB.
+- idle: C connected and subscribed clients; server RSS growth per connection in KiB;
+- presence (opt-in: --only presence, about 80 s): the gateway's throughput run with the
+  benchmark namespace's presence, join_leave and typing on, against the same run with them
+  off, alternating, median of 5; the ratio of delivered messages per server CPU-second.
 
 It prints one table with gateway/reference ratios and the targets. Exit code 0 unless a
 run crashed; every child process is stopped by PID before exiting.
@@ -22,6 +25,7 @@ run crashed; every child process is stopped by PID before exiting.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -41,6 +45,7 @@ from common import (
     ServerProcess,
     Spawn,
     attempt,
+    cpu_seconds,
     fmt,
     gateway_command,
     machine,
@@ -65,7 +70,19 @@ REFERENCE = HERE.parent / "reference_server.py"
 GATEWAY_CONFIG = HERE / "gateway.toml"
 SERVERS = ("gateway", "reference")
 PACKAGES = ("uvloop", "websockets", "protobuf")  # versions in the report
-MEASUREMENTS = ("throughput", "latency", "idle")
+MEASUREMENTS = ("throughput", "latency", "idle")  # the default set
+OPT_IN = ("presence",)
+# The presence measurement turns these on in the benchmark namespace (environment
+# overrides of bench/fanout/gateway.toml), against the same gateway without them.
+PRESENCE_ENV = {
+    "REALTIME_NAMESPACES__BENCH__PRESENCE": "true",
+    "REALTIME_NAMESPACES__BENCH__JOIN_LEAVE": "true",
+    "REALTIME_NAMESPACES__BENCH__TYPING": "true",
+}
+PRESENCE_VARIANTS = ("off", "on")
+# Before GO, time for the server to write the last join pushes (join_leave: every
+# subscriber is told of every later one) so that they do not land in the measured phase.
+PRESENCE_SETTLE = 0.5
 
 # (subscribers, messages) per throughput run, each repeated `repeats` times (the median
 # counts); latency (subscribers, publishes per second, seconds); idle connections.
@@ -75,12 +92,16 @@ PLANS: dict[str, dict[str, Any]] = {
         "repeats": 3,
         "latency": [(100, 200.0, 5.0), (1000, 20.0, 5.0)],
         "idle": 10_000,
+        "presence": [(100, 10_000), (1000, 1_000)],
+        "presence_repeats": 5,
     },
     "quick": {
         "throughput": [(100, 2_000), (1000, 300)],
         "repeats": 1,
         "latency": [(100, 200.0, 3.0), (1000, 20.0, 3.0)],
         "idle": 2_000,
+        "presence": [(100, 2_000), (1000, 300)],
+        "presence_repeats": 1,
     },
 }
 BURST = 50
@@ -91,12 +112,21 @@ TARGET_IDLE_KIB = 10.0
 
 
 class Server(ServerProcess):
-    """The gateway (`realtime serve` with bench/fanout/gateway.toml) or the reference."""
+    """The gateway (`realtime serve` with bench/fanout/gateway.toml, and `env` on top of
+    its environment: config overrides) or the reference."""
+
+    def __init__(
+        self, kind: str, logdir: Path, secret: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.extra_env = env or {}
+        super().__init__(kind, logdir, secret)
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         if self.kind == "gateway":
             self.banner = "ws://"
-            return gateway_command(GATEWAY_CONFIG, self.secret, SERVER=self.port)
+            cmd, env = gateway_command(GATEWAY_CONFIG, self.secret, SERVER=self.port)
+            env.update(self.extra_env)
+            return cmd, env
         self.banner = "listening"
         return [PYTHON, str(REFERENCE), "--port", str(self.port)], server_env()
 
@@ -109,6 +139,8 @@ class Results:
     runs: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     latency: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     idle: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (presence variant "off" / "on", N) -> the gateway's throughput runs
+    presence_runs: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -122,6 +154,28 @@ def run_throughput(kind: str, n: int, messages: int, logdir: Path, secret: str) 
         return measure_throughput(server, spawn, n, messages, BURST)
 
     return with_server(Server(kind, logdir, secret), LOADGEN, body)
+
+
+def run_presence(variant: str, n: int, messages: int, logdir: Path, secret: str) -> dict[str, Any]:
+    """The gateway's throughput run with presence, join_leave and typing on or off."""
+
+    def body(server: ServerProcess, spawn: Spawn) -> dict[str, Any]:
+        lg = spawn("throughput", ["-n", str(n), "--messages", str(messages), "--burst", str(BURST)])
+        lg.expect("READY", 120)
+        time.sleep(PRESENCE_SETTLE)
+        # The server's CPU from its start to here: connects and subscribes (with presence:
+        # the presence entries and, with join_leave, N * (N - 1) / 2 join pushes).
+        setup_cpu = cpu_seconds(server.pid)
+        result = measured_phase(server, lg)
+        result["setup_cpu"] = setup_cpu
+        cpu = result["server_cpu"]
+        result["per_cpu_second"] = result["delivered"] / cpu if cpu > 0 else math.nan
+        result["per_second"] = result["delivered"] / result["elapsed"]
+        result["presence"] = variant
+        return result
+
+    env = PRESENCE_ENV if variant == "on" else None
+    return with_server(Server("gateway", logdir, secret, env), LOADGEN, body)
 
 
 def run_latency(
@@ -191,6 +245,10 @@ def report(
         kib = results.idle.get("gateway", {}).get("kib_per_connection")
         label = f"RSS per idle connection <= {TARGET_IDLE_KIB:g} KiB"
         targets.append(target_line(label, 52, kib, "<=", TARGET_IDLE_KIB))
+    if "presence" in only:
+        lines += ["", *presence_section(results, plan)]
+    if not targets:
+        targets.append("  (none for the measurements run)")
     lines += report_footer(targets, elapsed, results.failures)
     return "\n".join(lines)
 
@@ -258,6 +316,38 @@ def latency_section(results: Results, plan: dict[str, Any]) -> list[str]:
     return lines
 
 
+def presence_section(results: Results, plan: dict[str, Any]) -> list[str]:
+    lines = [
+        "Presence and typing on the publication path: the gateway's throughput run (100-byte"
+        f" publications in bursts of {BURST}) with the namespace's presence + join_leave +"
+        f" typing on vs off; alternating runs, median of {plan['presence_repeats']}",
+        f"{'N':>6} {'msgs':>6} {'off/CPU-s':>11} {'on/CPU-s':>11} {'on/off':>7}"
+        f" {'off msg/s':>10} {'on msg/s':>10} {'off CPU':>8} {'on CPU':>7} {'spread off/on':>14}"
+        f" {'setup CPU off/on':>17}",
+    ]
+    runs = medians(results.presence_runs)
+    for n, messages in plan["presence"]:
+        off, on = runs.get(("off", n)), runs.get(("on", n))
+        ratio = on["per_cpu_second"] / off["per_cpu_second"] if off and on else None
+        lines.append(
+            f"{n:>6} {messages:>6} {fmt(off and off['per_cpu_second']):>11}"
+            f" {fmt(on and on['per_cpu_second']):>11} {fmt(ratio, '.2f'):>7}"
+            f" {fmt(off and off['per_second']):>10} {fmt(on and on['per_second']):>10}"
+            f" {fmt(off and off['server_cpu'], '.2f'):>7}s"
+            f" {fmt(on and on['server_cpu'], '.2f'):>6}s"
+            f" {fmt(off and 100 * off['spread'], '.0f'):>7}%"
+            f"/{fmt(on and 100 * on['spread'], '.0f')}%"
+            f" {fmt(off and off['setup_cpu'], '.2f'):>10}s/{fmt(on and on['setup_cpu'], '.2f')}s"
+        )
+        for r in (off, on):
+            if r and r["delivered"] != r["expected"]:
+                lines.append(
+                    f"{'':>6} ! presence {r['presence']}: delivered {r['delivered']:,}"
+                    f" of {r['expected']:,}"
+                )
+    return lines
+
+
 def idle_section(results: Results, plan: dict[str, Any]) -> list[str]:
     lines = [
         f"Idle memory: {plan['idle']:,} connected + subscribed clients; server RSS (VmRSS)",
@@ -277,7 +367,9 @@ def idle_section(results: Results, plan: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = orchestrator_parser(
-        "fan-out benchmark: gateway vs reference", "~30 s smoke run", MEASUREMENTS
+        "fan-out benchmark: gateway vs reference (presence: opt-in, --only presence)",
+        "~30 s smoke run",
+        MEASUREMENTS + OPT_IN,
     )
     parser.add_argument(
         "--latency-n",
@@ -324,6 +416,19 @@ def main(argv: list[str] | None = None) -> int:
                         r = attempt(results.failures, label, run_throughput, *run_args)
                         if r:
                             results.runs.setdefault((kind, n), []).append(r)
+        if "presence" in only:
+            repeats = plan["presence_repeats"]
+            for rep in range(repeats):
+                for n, messages in plan["presence"]:
+                    # Alternate which variant goes first, so that a drift of the machine
+                    # over the run does not always favour the same one.
+                    order = PRESENCE_VARIANTS if rep % 2 == 0 else PRESENCE_VARIANTS[::-1]
+                    for variant in order:
+                        label = f"gateway presence {variant} N={n:,} ({rep + 1}/{repeats})"
+                        run_args = (variant, n, messages, logdir, secret)
+                        r = attempt(results.failures, label, run_presence, *run_args)
+                        if r:
+                            results.presence_runs.setdefault((variant, n), []).append(r)
         for n, rate, seconds in plan["latency"] if "latency" in only else []:
             for kind in SERVERS:
                 r = attempt(
@@ -348,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput": [r for runs in results.runs.values() for r in runs],
             "latency": [{"server": k, "n": n, **r} for (k, n), r in results.latency.items()],
             "idle": results.idle,
+            "presence": [r for runs in results.presence_runs.values() for r in runs],
             "failures": results.failures,
         }
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
