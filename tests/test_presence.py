@@ -131,6 +131,29 @@ async def test_unclean_disconnect_leaves_presence(gateway: Gateway) -> None:
     await watcher.close()
 
 
+async def test_a_silent_client_leaves_when_its_pings_go_unanswered(
+    make_gateway: GatewayFactory,
+) -> None:
+    """A client that vanished without a trace (no FIN, no RST): the node's liveness check
+    ends it, and it leaves presence."""
+    gateway = await make_gateway(**PRESENCE_CONFIG, client={"ping_interval": 1, "pong_timeout": 1})
+    watcher = await RawClient.open(gateway, token=make_token("watcher"))
+    await watcher.subscribe("room/silent")
+    ghost = await RawClient.open(gateway, token=make_token("ghost"))
+    await ghost.subscribe("room/silent")
+    assert (await next_event(watcher, "join")).user == "ghost"
+    ghost._reader.cancel()  # reads nothing more, answers no ping: as if its network died
+    while True:  # the watcher answers its pings and stays
+        push = await watcher.push(timeout=8)
+        if push.HasField("ping"):
+            await watcher.send(id=0, ping=pb.PingRequest())
+        elif push.HasField("leave"):
+            assert push.leave.user == "ghost"
+            break
+    assert [i.user for i in (await presence(watcher, "room/silent")).values()] == ["watcher"]
+    await watcher.close()
+
+
 async def test_no_join_leave_pushes_unless_enabled(gateway: Gateway) -> None:
     watcher = await RawClient.open(gateway, token=make_token("watcher"))
     await watcher.subscribe("quiet/1")
