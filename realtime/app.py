@@ -21,6 +21,11 @@ log = logging.getLogger("realtime.app")
 def make_broker(config: Config) -> Broker:
     if config.broker.type == "memory":
         return MemoryBroker()
+    if config.broker.type == "redis":
+        # Imported here: a node on the memory broker never loads the Redis client.
+        from realtime.brokers.redis import RedisBroker
+
+        return RedisBroker(config.broker)
     raise ValueError(f"unknown broker type {config.broker.type!r}")
 
 

@@ -16,7 +16,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +146,28 @@ class PresenceConfig:
 
 @dataclass
 class BrokerConfig:
-    # "memory": one node alone, nothing to run beside it.
+    # "memory": one node alone, nothing to run beside it. "redis": many nodes joined by
+    # Redis (pub/sub between nodes, streams for history, presence, user status, retained).
     type: str = "memory"
+    # redis: one URL per Redis instance (redis://[user:password@]host:port/db, rediss://
+    # for TLS, unix:///path). Channels are spread over them by consistent hashing; every
+    # node must list the same instances (order does not matter).
+    redis_urls: list[str] = field(default_factory=lambda: ["redis://127.0.0.1:6379/0"])
+    # Prefix of every key and pub/sub channel: gateways of different clusters sharing a
+    # Redis need different prefixes (pub/sub ignores the database number).
+    key_prefix: str = "rt"
+    # Seconds to wait for a connection, and for a command's answer. While an instance is
+    # unreachable, what needs it fails at once with a temporary error (retry hint) and
+    # the node reconnects with jittered exponential backoff up to reconnect_max_delay.
+    connect_timeout: float = 2.0
+    command_timeout: float = 5.0
+    reconnect_max_delay: float = 5.0
+    # Pub/sub messages waiting to be handled, per instance; past this the node has fallen
+    # behind and drops them (counted; subscribers see the gap in offsets and recover).
+    pubsub_queue_size: int = 100_000
+    # Seconds a channel stays subscribed in Redis after its last local subscriber left
+    # (a client that comes straight back costs no UNSUBSCRIBE + SUBSCRIBE).
+    unsubscribe_delay: float = 2.0
 
 
 @dataclass
@@ -364,7 +384,7 @@ def validate(config: Config) -> None:
     need(limits.user_publishes_per_second > 0, "limits.user_publishes_per_second", "must be > 0")
     need(limits.user_publish_burst >= 1, "limits.user_publish_burst", "must be >= 1")
     need(limits.flood_close_after >= 1, "limits.flood_close_after", "must be >= 1")
-    need(config.broker.type == "memory", "broker.type", "only 'memory' is available")
+    _validate_broker(config.broker, need)
     mqtt = config.mqtt
     need(0 <= mqtt.port <= 65535, "mqtt.port", f"{mqtt.port} is not a TCP port")
     need(0 <= mqtt.tls_port <= 65535, "mqtt.tls_port", f"{mqtt.tls_port} is not a TCP port")
@@ -436,6 +456,61 @@ def validate(config: Config) -> None:
             f"{key}.delta",
             "needs history_size > 0 (deltas rely on positions to detect a lost base)",
         )
+
+
+BROKER_TYPES = ("memory", "redis")
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
+
+
+def _validate_broker(broker: BrokerConfig, need: Callable[[bool, str, str], None]) -> None:
+    need(
+        broker.type in BROKER_TYPES,
+        "broker.type",
+        f"{broker.type!r} is not one of {', '.join(BROKER_TYPES)}",
+    )
+    if broker.type != "redis":
+        return
+    need(bool(broker.redis_urls), "broker.redis_urls", "list at least one Redis URL")
+    seen: set[str] = set()
+    for i, url in enumerate(broker.redis_urls):
+        key = f"broker.redis_urls[{i}]"
+        problem, where = _redis_url_error(url)
+        need(problem is None, key, f"{url!r}: {problem}")
+        need(where not in seen, key, f"{url!r}: the same Redis instance is listed twice")
+        seen.add(where)
+    need(
+        bool(_KEY_PREFIX.match(broker.key_prefix)),
+        "broker.key_prefix",
+        "must be non-empty: letters, digits and _ . : { } -",
+    )
+    need(broker.connect_timeout > 0, "broker.connect_timeout", "must be > 0")
+    need(broker.command_timeout > 0, "broker.command_timeout", "must be > 0")
+    need(broker.reconnect_max_delay > 0, "broker.reconnect_max_delay", "must be > 0")
+    need(broker.pubsub_queue_size >= 1, "broker.pubsub_queue_size", "must be >= 1")
+    need(broker.unsubscribe_delay >= 0, "broker.unsubscribe_delay", "must be >= 0")
+
+
+def _redis_url_error(url: str) -> tuple[str | None, str]:
+    """(what is wrong with a Redis URL or None, the instance it names)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a URL ({exc})", url
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "unix:// needs a socket path, e.g. unix:///run/redis.sock", url
+        return None, parts.path
+    if parts.scheme not in ("redis", "rediss"):
+        return "use redis://host:port/db, rediss:// (TLS) or unix:///path", url
+    if not parts.hostname:
+        return "no host, e.g. redis://127.0.0.1:6379/0", url
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit():
+        return f"the database {db!r} is not a number", url
+    return None, f"{parts.hostname}:{port or 6379}/{db}"
 
 
 def require_secrets(config: Config) -> None:

@@ -6,7 +6,8 @@ source "$(dirname "$0")/_env.sh"
 
 # System programs the tests drive as real peers (none of them is mocked). Listed as
 # "command:debian-package"; installed with apt-get when the command is missing.
-SYSTEM_DEPS=("mosquitto_sub:mosquitto-clients" "mosquitto_pub:mosquitto-clients")
+SYSTEM_DEPS=("mosquitto_sub:mosquitto-clients" "mosquitto_pub:mosquitto-clients"
+            "redis-server:redis-server")
 missing=()
 for dep in "${SYSTEM_DEPS[@]}"; do
     command -v "${dep%%:*}" >/dev/null || missing+=("${dep##*:}")

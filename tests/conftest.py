@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import copy
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import jwt
@@ -24,6 +24,7 @@ from realtime.app import Gateway
 from realtime.config import config_from_dict
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codec import JSON, PROTOBUF, Codec
+from .redis_server import RedisServer
 
 SECRET = "test-secret-that-is-long-enough-0123456789"
 API_KEY = "test-api-key-0123456789"
@@ -247,3 +248,29 @@ async def publish(gateway: Gateway, channel: str, data: Any, **extra: Any) -> di
     assert status == 200, body
     result: dict[str, Any] = body
     return result
+
+
+# ----------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by key prefix."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[[], RedisServer]]:
+    """Redis servers of the test's own (to kill and restart), stopped at teardown."""
+    servers: list[RedisServer] = []
+
+    def factory() -> RedisServer:
+        server = RedisServer().start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.cleanup()

@@ -1,0 +1,530 @@
+"""Redis broker: many nodes, one set of channels, positions, presence and retained messages.
+
+Every channel lives on one Redis instance (consistent hashing over `broker.redis_urls`,
+`redis_ring.py`). Its publications go through one Lua script there (`redis_scripts.py`):
+idempotency check, offset from the stream's meta hash, XADD to a capped stream, PUBLISH of
+the same msgpack bytes (`redis_envelope.py`). So every node, and every recovery, sees one
+order. Each node keeps one pub/sub connection per instance (`redis_pubsub.py`) and
+subscribes to a channel's Redis channel while it has local subscribers; MQTT wildcard
+filters become PSUBSCRIBE patterns on every instance.
+
+Keys, with `p` the configured `key_prefix` and `<ch>` a channel name:
+
+    p:m:<ch>        hash   stream meta: e (epoch), o (top offset); EXPIRE history_meta_ttl
+    p:s:<ch>        stream publications (field p: the envelope), MAXLEN history_size,
+                           PEXPIRE history_ttl; entries older than history_ttl are skipped
+    p:i:<ch> <key>  string idempotency key -> "offset epoch", PX idempotency_window
+    p:c:<ch>        -      the pub/sub channel (publications and events)
+    p:p:<ch>        hash   presence: client -> entry
+    p:pz:<ch>       zset   presence: client -> expiry (ms, Redis time)
+    p:pidx          zset   per instance: channel -> when to look for expired entries
+    p:u:<user>      hash   user status: <node id> -> "until:refreshed" (ms), seen (ms)
+    p:r:<ch>        string retained message (envelope), PX from the MQTT message expiry
+    p:ridx          zset   per instance: channels with a retained message (lex order)
+
+Redis 6.2 or newer (ZADD LT, XREVRANGE with COUNT); pub/sub is not scoped by database, so
+nodes of different clusters sharing an instance need different key prefixes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import secrets
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from realtime.brokers import redis_scripts as lua
+from realtime.brokers.redis_envelope import (
+    PUBLICATION_HEAD,
+    decode,
+    decode_publication,
+    entry_bytes,
+    entry_from_bytes,
+    event_message,
+    pack_publication,
+    publication_message,
+    publication_tail,
+)
+from realtime.brokers.redis_pubsub import Address, PubSubShard, filter_pattern
+from realtime.brokers.redis_ring import HashRing
+from realtime.config import BrokerConfig
+from realtime.core.broker import (
+    LEAVE,
+    Broker,
+    BrokerHandler,
+    BrokerUnavailable,
+    ChannelEvent,
+    HistoryPolicy,
+    HistoryResult,
+    PresenceEntry,
+    PresenceStats,
+    Publication,
+    PublishResult,
+    StreamPosition,
+    UserStatus,
+)
+from realtime.core.mqtt_session import MqttMeta
+from realtime.core.topics import FilterTrie, filter_matches
+from realtime.metrics import Metrics
+
+T = TypeVar("T")
+
+_NO_POSITION = PublishResult(StreamPosition(0, ""))
+# What makes an instance unavailable for now (as opposed to a bug in a command).
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError (LOADING after a restart)
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica promoted under us
+    OSError,
+)
+KEYS_PER_CALL = 500  # users per user-status script call
+
+
+class _Shard:
+    """One Redis instance: a command client (connection pool) and the pub/sub connection."""
+
+    def __init__(self, address: Address, client: aioredis.Redis, pubsub: PubSubShard) -> None:
+        self.address = address
+        self.name = address.name
+        self.client = client
+        self.pubsub = pubsub
+        reg = client.register_script
+        self.publish: AsyncScript = reg(lua.PUBLISH)
+        self.history: AsyncScript = reg(lua.HISTORY)
+        self.presence_add: AsyncScript = reg(lua.PRESENCE_ADD)
+        self.presence_remove: AsyncScript = reg(lua.PRESENCE_REMOVE)
+        self.presence_get: AsyncScript = reg(lua.PRESENCE_GET)
+        self.presence_expire: AsyncScript = reg(lua.PRESENCE_EXPIRE)
+        self.users_online: AsyncScript = reg(lua.USERS_ONLINE)
+        self.user_offline: AsyncScript = reg(lua.USER_OFFLINE)
+        self.user_status: AsyncScript = reg(lua.USER_STATUS)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _literal_prefix(topic_filter: str) -> str:
+    """The part of a wildcard filter before its first wildcard level ("a/#" -> "a": the
+    filter matches "a" itself too)."""
+    cut = min(i for i in (topic_filter.find("+"), topic_filter.find("#")) if i >= 0)
+    prefix = topic_filter[:cut]
+    if topic_filter[cut] == "#" and prefix.endswith("/"):
+        prefix = prefix[:-1]
+    return prefix
+
+
+class RedisBroker(Broker):
+    name = "redis"
+    publishes_at_once = False
+    single_node = False
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        # This node's identity in user-status marks; new on every start.
+        self.node_id = secrets.token_hex(8)
+        prefix = config.key_prefix
+        self._k = prefix + ":"
+        self._channel_prefix = f"{prefix}:c:"
+        self._handler: BrokerHandler | None = None
+        self._shards: list[_Shard] = []
+        self._ring: HashRing[_Shard] | None = None
+        # MQTT filters this node subscribed to -> their Redis pattern.
+        self._filters: FilterTrie[str, bytes] = FilterTrie()
+        self._filter_patterns: dict[str, bytes] = {}
+        self._pattern_refs: dict[bytes, int] = {}
+        self._addresses = [Address(url, dict(parse_url(url))) for url in config.redis_urls]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        loop = asyncio.get_running_loop()
+        config = self.config
+        shards: list[tuple[str, _Shard]] = []
+        for address in self._addresses:
+            client = aioredis.Redis.from_url(
+                address.url,
+                socket_connect_timeout=config.connect_timeout,
+                socket_timeout=config.command_timeout,
+                # No silent retries: a publish that may have happened is reported, and the
+                # caller retries with its idempotency key.
+                retry=Retry(NoBackoff(), 0),
+                decode_responses=False,
+            )
+            pubsub = PubSubShard(
+                address,
+                self._channel_prefix.encode(),
+                self._filters,
+                self._dispatch,
+                loop,
+                queue_size=config.pubsub_queue_size,
+                unsubscribe_delay=config.unsubscribe_delay,
+                connect_timeout=config.connect_timeout,
+                command_timeout=config.command_timeout,
+                reconnect_max_delay=config.reconnect_max_delay,
+            )
+            shards.append((address.name, _Shard(address, client, pubsub)))
+        self._ring = HashRing(shards)
+        self._shards = self._ring.shards
+        for shard in self._shards:
+            shard.pubsub.start()
+        # Wait for the first connections, but run on without them: nodes keep serving
+        # (and refuse what needs Redis with a temporary error) until Redis is reachable.
+        await asyncio.gather(
+            *(shard.pubsub.wait_up(config.connect_timeout) for shard in self._shards)
+        )
+        metrics = getattr(handler, "metrics", None)
+        if isinstance(metrics, Metrics):
+            self._register_gauges(metrics)
+
+    def _register_gauges(self, metrics: Metrics) -> None:
+        shards = self._shards
+        metrics.gauge(
+            "redis_up",
+            "Redis instances this node is connected to (of broker.redis_urls).",
+            lambda: sum(s.pubsub.up for s in shards),
+        )
+        metrics.gauge(
+            "redis_pubsub_dropped",
+            "Pub/sub messages dropped because the node fell behind (since start).",
+            lambda: sum(s.pubsub.dropped for s in shards),
+        )
+        metrics.gauge(
+            "redis_pubsub_received",
+            "Pub/sub messages received (since start).",
+            lambda: sum(s.pubsub.messages for s in shards),
+        )
+        metrics.gauge(
+            "redis_pubsub_queued",
+            "Pub/sub messages waiting to be handled.",
+            lambda: sum(len(s.pubsub.queue) for s in shards),
+        )
+        metrics.gauge(
+            "redis_reconnects",
+            "Pub/sub connections lost and made again (since start).",
+            lambda: sum(s.pubsub.reconnects for s in shards),
+        )
+
+    async def close(self) -> None:
+        for shard in self._shards:
+            await shard.pubsub.close()
+            await shard.client.aclose()
+        self._handler = None
+
+    @property
+    def shards(self) -> list[_Shard]:
+        return self._shards
+
+    def _shard(self, key: str) -> _Shard:
+        ring = self._ring
+        assert ring is not None, "start the broker first"
+        return ring.get(key)
+
+    async def _guard(self, shard: _Shard, call: Awaitable[T]) -> T:
+        """Run a command on `shard`; an unreachable instance is `BrokerUnavailable`."""
+        pubsub = shard.pubsub
+        if not pubsub.up:
+            if inspect.iscoroutine(call):
+                call.close()
+            raise BrokerUnavailable(
+                f"redis {shard.name} is unreachable", retry_after=pubsub.retry_after()
+            )
+        try:
+            return await call
+        except _UNAVAILABLE as exc:
+            raise BrokerUnavailable(f"redis {shard.name}: {exc}", retry_after=1.0) from exc
+
+    def _dispatch(self, channel: str, message: bytes) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        item = decode(message)
+        if isinstance(item, Publication):
+            handler.handle_publication(channel, item)
+        else:
+            handler.handle_event(channel, item)
+
+    # ------------------------------------------------------------------ publish, history
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        user: str = "",
+        client: str = "",
+        tags: dict[str, str] | None = None,
+        history: HistoryPolicy | None = None,
+        idempotency_key: str = "",
+        idempotency_ttl: float = 300.0,
+        meta: object = None,
+    ) -> PublishResult:
+        shard = self._shard(channel)
+        name = self._channel_prefix + channel
+        size = history.size if history is not None else 0
+        if size <= 0 and not idempotency_key:
+            message = publication_message(0, "", data, user, client, tags, meta)
+            await self._guard(shard, shard.client.publish(name, message))
+            return _NO_POSITION
+        k = self._k
+        keys = [f"{k}m:{channel}", f"{k}s:{channel}"]
+        if idempotency_key:
+            keys.append(f"{k}i:{channel} {idempotency_key}")
+        args: list[Any] = [
+            name,
+            PUBLICATION_HEAD,
+            publication_tail(data, user, client, tags, meta),
+            size,
+            _ms(history.ttl) if history is not None else 0,
+            max(1, round(history.meta_ttl)) if history is not None else 0,
+            secrets.token_hex(4),
+            _ms(idempotency_ttl),
+        ]
+        offset, epoch, duplicate = await self._guard(shard, shard.publish(keys=keys, args=args))
+        return PublishResult(StreamPosition(int(offset), epoch.decode()), bool(duplicate))
+
+    async def history(
+        self,
+        channel: str,
+        policy: HistoryPolicy,
+        *,
+        since: StreamPosition | None = None,
+        limit: int = 0,
+        reverse: bool = False,
+    ) -> HistoryResult:
+        shard = self._shard(channel)
+        k = self._k
+        args: list[Any] = [
+            secrets.token_hex(4),
+            max(1, round(policy.meta_ttl)),
+            _ms(policy.ttl),
+            since.offset if since is not None else -1,
+            since.epoch if since is not None else "",
+            limit,
+            1 if reverse else 0,
+        ]
+        raw = await self._guard(
+            shard, shard.history(keys=[f"{k}m:{channel}", f"{k}s:{channel}"], args=args)
+        )
+        position = StreamPosition(int(raw[0]), raw[1].decode())
+        pubs = [decode_publication(message) for message in raw[2:]]
+        if since is not None:  # newest first from the script
+            if not reverse:
+                pubs.reverse()
+            if limit > 0:
+                pubs = pubs[:limit]
+        return HistoryResult(pubs, position)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, channel: str) -> None:
+        if "+" in channel or "#" in channel:
+            pattern = self._filter_patterns.get(channel)
+            if pattern is not None:
+                return
+            pattern = filter_pattern(self._channel_prefix, channel).encode()
+            self._filter_patterns[channel] = pattern
+            self._filters.add(channel, channel, pattern)
+            refs = self._pattern_refs.get(pattern, 0)
+            self._pattern_refs[pattern] = refs + 1
+            # Channels spread over every instance: the pattern goes to each.
+            await asyncio.gather(*(s.pubsub.subscribe(pattern, True) for s in self._shards))
+        else:
+            shard = self._shard(channel)
+            await shard.pubsub.subscribe((self._channel_prefix + channel).encode())
+
+    async def unsubscribe(self, channel: str) -> None:
+        if "+" in channel or "#" in channel:
+            pattern = self._filter_patterns.pop(channel, None)
+            if pattern is None:
+                return
+            self._filters.remove(channel, channel)
+            refs = self._pattern_refs.pop(pattern, 0) - 1
+            if refs > 0:
+                self._pattern_refs[pattern] = refs
+                return
+            for shard in self._shards:
+                shard.pubsub.unsubscribe(pattern, True)
+        else:
+            shard = self._shard(channel)
+            shard.pubsub.unsubscribe((self._channel_prefix + channel).encode())
+
+    # ------------------------------------------------------------------ events, presence
+
+    async def publish_event(self, channel: str, event: ChannelEvent) -> None:
+        shard = self._shard(channel)
+        await self._guard(
+            shard, shard.client.publish(self._channel_prefix + channel, event_message(event))
+        )
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        k = self._k
+        return [f"{k}p:{channel}", f"{k}pz:{channel}", f"{k}pidx"]
+
+    async def add_presence(self, channel: str, entry: PresenceEntry, ttl: float) -> bool:
+        shard = self._shard(channel)
+        args: list[Any] = [entry.client, entry_bytes(entry), _ms(ttl), channel]
+        added = await self._guard(
+            shard, shard.presence_add(keys=self._presence_keys(channel), args=args)
+        )
+        return bool(added)
+
+    async def refresh_presence(self, entries: list[tuple[str, PresenceEntry]], ttl: float) -> None:
+        by_shard: dict[int, list[tuple[str, PresenceEntry]]] = {}
+        for channel, entry in entries:
+            by_shard.setdefault(id(self._shard(channel)), []).append((channel, entry))
+        ttl_ms = _ms(ttl)
+        failure: BrokerUnavailable | None = None
+        for shard in self._shards:
+            batch = by_shard.get(id(shard))
+            if not batch:
+                continue
+            for i in range(0, len(batch), KEYS_PER_CALL):
+                pipe = shard.client.pipeline(transaction=False)
+                for channel, entry in batch[i : i + KEYS_PER_CALL]:
+                    args: list[Any] = [entry.client, entry_bytes(entry), ttl_ms, channel]
+                    await shard.presence_add(
+                        keys=self._presence_keys(channel), args=args, client=pipe
+                    )
+                try:
+                    await self._guard(shard, pipe.execute())
+                except BrokerUnavailable as exc:  # the other instances still get theirs
+                    failure = exc
+                    break
+        if failure is not None:
+            raise failure
+
+    async def remove_presence(self, channel: str, client: str) -> bool:
+        shard = self._shard(channel)
+        keys = self._presence_keys(channel)[:2]
+        removed = await self._guard(shard, shard.presence_remove(keys=keys, args=[client]))
+        return bool(removed)
+
+    async def presence(self, channel: str) -> dict[str, PresenceEntry]:
+        shard = self._shard(channel)
+        keys = self._presence_keys(channel)[:2]
+        raw = await self._guard(shard, shard.presence_get(keys=keys))
+        entries = (entry_from_bytes(data) for data in raw)
+        return {entry.client: entry for entry in entries}
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        live = await self.presence(channel)
+        return PresenceStats(clients=len(live), users=len({e.user for e in live.values()}))
+
+    # ------------------------------------------------------------------ user status
+
+    def _by_shard(self, users: list[str]) -> list[tuple[_Shard, list[str]]]:
+        groups: dict[int, tuple[_Shard, list[str]]] = {}
+        for user in users:
+            shard = self._shard(user)
+            groups.setdefault(id(shard), (shard, []))[1].append(user)
+        return list(groups.values())
+
+    async def set_users_online(self, users: list[str], ttl: float, last_seen_ttl: float) -> None:
+        k = self._k
+        failure: BrokerUnavailable | None = None
+        for shard, group in self._by_shard(users):
+            for i in range(0, len(group), KEYS_PER_CALL):
+                keys = [f"{k}u:{user}" for user in group[i : i + KEYS_PER_CALL]]
+                args: list[Any] = [self.node_id, _ms(ttl), _ms(last_seen_ttl)]
+                try:
+                    await self._guard(shard, shard.users_online(keys=keys, args=args))
+                except BrokerUnavailable as exc:
+                    failure = exc
+                    break
+        if failure is not None:
+            raise failure
+
+    async def set_user_offline(self, user: str, last_seen_ttl: float) -> None:
+        shard = self._shard(user)
+        args: list[Any] = [self.node_id, _ms(last_seen_ttl)]
+        await self._guard(shard, shard.user_offline(keys=[f"{self._k}u:{user}"], args=args))
+
+    async def user_status(self, users: list[str]) -> list[UserStatus]:
+        k = self._k
+        found: dict[str, UserStatus] = {}
+        for shard, group in self._by_shard(list(dict.fromkeys(users))):
+            for i in range(0, len(group), KEYS_PER_CALL):
+                chunk = group[i : i + KEYS_PER_CALL]
+                keys = [f"{k}u:{user}" for user in chunk]
+                raw = await self._guard(shard, shard.user_status(keys=keys))
+                for j, user in enumerate(chunk):
+                    online, seen = raw[2 * j], raw[2 * j + 1]
+                    found[user] = UserStatus(user, bool(online), int(seen) / 1000)
+        return [found[user] for user in users]
+
+    # ------------------------------------------------------------------ retained
+
+    async def set_retained(self, channel: str, pub: Publication | None) -> None:
+        shard = self._shard(channel)
+        key, index = f"{self._k}r:{channel}", f"{self._k}ridx"
+        pipe = shard.client.pipeline(transaction=True)
+        if pub is None or not pub.data:
+            pipe.delete(key)
+            pipe.zrem(index, channel)
+        else:
+            meta = pub.meta
+            expiry = 0
+            if isinstance(meta, MqttMeta) and meta.properties is not None:
+                expiry = meta.properties.message_expiry_interval or 0
+            pipe.set(key, pack_publication(pub), ex=expiry or None)
+            pipe.zadd(index, {channel: 0})
+        await self._guard(shard, pipe.execute())
+
+    async def retained(self, topic_filter: str) -> list[tuple[str, Publication]]:
+        k = self._k
+        if "+" not in topic_filter and "#" not in topic_filter:
+            shard = self._shard(topic_filter)
+            data: Any = await self._guard(shard, shard.client.get(f"{k}r:{topic_filter}"))
+            return [(topic_filter, decode_publication(data))] if data is not None else []
+        prefix = _literal_prefix(topic_filter).encode()
+        low, high = (b"[" + prefix, b"(" + prefix + b"\xff") if prefix else (b"-", b"+")
+        out: list[tuple[str, Publication]] = []
+        for shard in self._shards:
+            names: Any = await self._guard(shard, shard.client.zrangebylex(f"{k}ridx", low, high))
+            channels = [n.decode() for n in names if filter_matches(topic_filter, n.decode())]
+            for i in range(0, len(channels), KEYS_PER_CALL):
+                chunk = channels[i : i + KEYS_PER_CALL]
+                values: Any = await self._guard(
+                    shard, shard.client.mget([f"{k}r:{channel}" for channel in chunk])
+                )
+                gone = []
+                for channel, data in zip(chunk, values, strict=True):
+                    if data is None:
+                        gone.append(channel)  # expired (MQTT message expiry)
+                    else:
+                        out.append((channel, decode_publication(data)))
+                if gone:
+                    await self._guard(shard, shard.client.zrem(f"{k}ridx", *gone))
+        return out
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def housekeeping(self, now: float) -> None:
+        """Check pub/sub connections; announce presence entries whose node stopped
+        refreshing them (the script removes each once, so exactly one node announces)."""
+        loop_now = asyncio.get_running_loop().time()
+        k = self._k
+        for shard in self._shards:
+            shard.pubsub.check(loop_now)
+            if not shard.pubsub.up:
+                continue
+            try:
+                raw = await self._guard(
+                    shard,
+                    shard.presence_expire(keys=[f"{k}pidx"], args=[f"{k}p:", f"{k}pz:", 1000]),
+                )
+                for i in range(0, len(raw), 2):
+                    entry = entry_from_bytes(raw[i + 1])
+                    await self.publish_event(raw[i].decode(), ChannelEvent(LEAVE, entry))
+            except BrokerUnavailable:
+                continue

@@ -1,0 +1,290 @@
+"""The Lua scripts of the Redis broker: each runs atomically inside one Redis instance.
+
+Times are Redis's own (`TIME`, in milliseconds), so nodes whose clocks disagree still agree
+on what has expired. Stream entries get automatic (time-based) ids, and history reads skip
+the ones older than the history TTL; offsets are consecutive within an epoch, so "after
+offset N" is "the newest top - N entries".
+"""
+
+from __future__ import annotations
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: meta hash, stream[, idempotency key]
+# ARGV: pub/sub channel, head, tail, history size (0: none), history ttl ms, meta ttl s,
+#       epoch for a new stream, idempotency ttl ms
+# -> {offset, epoch, duplicate}
+PUBLISH = """
+if #KEYS == 3 then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local sep = string.find(seen, ' ', 1, true)
+    return {tonumber(string.sub(seen, 1, sep - 1)), string.sub(seen, sep + 1), 1}
+  end
+end
+local offset, epoch = 0, ''
+local size = tonumber(ARGV[4])
+if size > 0 then
+  epoch = redis.call('HGET', KEYS[1], 'e')
+  if not epoch then
+    epoch = ARGV[7]
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  end
+  offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+end
+local message = ARGV[2] .. cmsgpack.pack(offset, epoch) .. ARGV[3]
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, '*', 'p', message)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+if #KEYS == 3 then
+  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'PX', ARGV[8])
+end
+redis.call('PUBLISH', ARGV[1], message)
+return {offset, epoch, 0}
+"""
+
+# KEYS: meta hash, stream
+# ARGV: epoch for a new stream, meta ttl s, history ttl ms, since offset (-1: none),
+#       since epoch, limit (0: all, -1: position only), reverse (0/1)
+# -> {top, epoch, message...}: with `since`, newest first (the caller orders and limits)
+HISTORY = (
+    """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local top = 0
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+else
+  top = tonumber(redis.call('HGET', KEYS[1], 'o'))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local out = {top, epoch}
+local limit = tonumber(ARGV[6])
+if limit < 0 then
+  return out
+end
+"""
+    + _NOW
+    + """
+local min = tostring(now - tonumber(ARGV[3]) + 1)
+local since = tonumber(ARGV[4])
+local entries
+if since >= 0 then
+  if ARGV[5] ~= epoch or since >= top then
+    return out
+  end
+  entries = redis.call('XREVRANGE', KEYS[2], '+', min, 'COUNT', top - since)
+elseif ARGV[7] == '1' then
+  if limit > 0 then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', min, 'COUNT', limit)
+  else
+    entries = redis.call('XREVRANGE', KEYS[2], '+', min)
+  end
+else
+  if limit > 0 then
+    entries = redis.call('XRANGE', KEYS[2], min, '+', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[2], min, '+')
+  end
+end
+for i = 1, #entries do
+  out[i + 2] = entries[i][2][2]
+end
+return out
+"""
+)
+
+# KEYS: presence hash, presence zset, presence index
+# ARGV: client, entry, ttl ms, channel -> 1 when the entry was not live before
+PRESENCE_ADD = (
+    _NOW
+    + """
+local old = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local ttl = tonumber(ARGV[3])
+local expires = now + ttl
+redis.call('ZADD', KEYS[2], expires, ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+redis.call('ZADD', KEYS[3], 'LT', expires, ARGV[4])
+if old and tonumber(old) > now then
+  return 0
+end
+return 1
+"""
+)
+
+# KEYS: presence hash, presence zset; ARGV: client -> 1 when a live entry was removed
+PRESENCE_REMOVE = (
+    _NOW
+    + """
+local old = redis.call('ZSCORE', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+if old and tonumber(old) > now then
+  return 1
+end
+return 0
+"""
+)
+
+# KEYS: presence hash, presence zset -> the live entries
+PRESENCE_GET = (
+    _NOW
+    + """
+local clients = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')
+local out = {}
+for i = 1, #clients, 1000 do
+  local chunk = {}
+  for j = i, math.min(i + 999, #clients) do
+    chunk[#chunk + 1] = clients[j]
+  end
+  local entries = redis.call('HMGET', KEYS[1], unpack(chunk))
+  for j = 1, #entries do
+    if entries[j] then
+      out[#out + 1] = entries[j]
+    end
+  end
+end
+return out
+"""
+)
+
+# The presence index (one zset per Redis instance) scores each channel with a time at or
+# before its earliest entry expiry: `ZADD LT` on every add keeps it a lower bound, and this
+# script resets it to the true earliest after removing what expired. Removal and the
+# returned list happen in one step, so exactly one node announces each expired entry.
+# KEYS: presence index; ARGV: presence hash prefix, presence zset prefix, max entries
+# -> {channel, entry, channel, entry, ...}
+PRESENCE_EXPIRE = (
+    _NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+local out = {}
+local budget = tonumber(ARGV[3])
+for _, channel in ipairs(due) do
+  local hash = ARGV[1] .. channel
+  local zset = ARGV[2] .. channel
+  local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, budget)
+  for _, client in ipairs(gone) do
+    local entry = redis.call('HGET', hash, client)
+    redis.call('ZREM', zset, client)
+    redis.call('HDEL', hash, client)
+    if entry then
+      out[#out + 1] = channel
+      out[#out + 1] = entry
+    end
+  end
+  budget = budget - #gone
+  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', KEYS[1], channel)
+  else
+    redis.call('ZADD', KEYS[1], first[2], channel)
+  end
+  if budget <= 0 then
+    break
+  end
+end
+return out
+"""
+)
+
+# A user's hash: one field per node where the user is connected ("until:refreshed", ms)
+# and "seen" (ms). A field whose mark ran out belongs to a node that stopped refreshing it
+# (it died): it is folded into "seen" at its last refresh.
+_FOLD = """
+local function fold(key, now)
+  local fields = redis.call('HGETALL', key)
+  local seen = 0
+  local online = false
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'seen' then
+      seen = math.max(seen, tonumber(value))
+    else
+      local sep = string.find(value, ':', 1, true)
+      local untill = tonumber(string.sub(value, 1, sep - 1))
+      if untill > now then
+        online = true
+      else
+        seen = math.max(seen, tonumber(string.sub(value, sep + 1)))
+        redis.call('HDEL', key, name)
+      end
+    end
+  end
+  return online, seen
+end
+"""
+
+# KEYS: user hashes; ARGV: node, ttl ms, last seen ttl ms
+USERS_ONLINE = (
+    _NOW
+    + _FOLD
+    + """
+local mark = string.format('%d:%d', now + tonumber(ARGV[2]), now)
+for _, key in ipairs(KEYS) do
+  if redis.call('HLEN', key) > 2 then
+    local _, seen = fold(key, now)
+    if seen > 0 then
+      redis.call('HSET', key, 'seen', seen)
+    end
+  end
+  redis.call('HSET', key, ARGV[1], mark)
+  redis.call('PEXPIRE', key, ARGV[3])
+end
+return 1
+"""
+)
+
+# KEYS: user hash; ARGV: node, last seen ttl ms
+USER_OFFLINE = (
+    _NOW
+    + _FOLD
+    + """
+redis.call('HDEL', KEYS[1], ARGV[1])
+fold(KEYS[1], now)
+redis.call('HSET', KEYS[1], 'seen', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: user hashes -> {online, last seen ms, ...} (last seen is now when online)
+USER_STATUS = (
+    _NOW
+    + """
+local out = {}
+for _, key in ipairs(KEYS) do
+  local fields = redis.call('HGETALL', key)
+  local seen = 0
+  local online = 0
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'seen' then
+      seen = math.max(seen, tonumber(value))
+    else
+      local sep = string.find(value, ':', 1, true)
+      if tonumber(string.sub(value, 1, sep - 1)) > now then
+        online = 1
+      else
+        seen = math.max(seen, tonumber(string.sub(value, sep + 1)))
+      end
+    end
+  end
+  if online == 1 then
+    seen = now
+  end
+  out[#out + 1] = online
+  out[#out + 1] = seen
+end
+return out
+"""
+)
