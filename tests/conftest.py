@@ -24,6 +24,7 @@ from realtime.app import Gateway
 from realtime.config import config_from_dict
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codec import JSON, PROTOBUF, Codec
+
 from .redis_server import RedisServer
 
 SECRET = "test-secret-that-is-long-enough-0123456789"

@@ -13,14 +13,18 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as sync_redis
+from paho.mqtt import properties as paho_properties
+from paho.mqtt.packettypes import PacketTypes
 
+from realtime.app import make_broker
 from realtime.brokers.redis import RedisBroker
 from realtime.brokers.redis_pubsub import filter_pattern
-from realtime.config import BrokerConfig
+from realtime.config import BrokerConfig, ConfigError, config_from_dict, load_config
 from realtime.core.broker import (
     JOIN,
     LEAVE,
@@ -40,6 +44,7 @@ from realtime.protocol.codes import ErrorCode
 
 from .conftest import GatewayFactory, RawClient, make_token, publish
 from .redis_server import RedisServer, free_port
+from .test_mqtt import Device
 
 POLICY = HistoryPolicy(size=3, ttl=60, meta_ttl=3600)
 BIG = HistoryPolicy(size=1000, ttl=60, meta_ttl=3600)
@@ -347,6 +352,28 @@ async def test_wildcard_subscriptions_deliver_each_publication_once(
     assert b"late" not in seen.data()
 
 
+async def test_subscribing_again_while_the_unsubscribe_is_on_its_way(
+    make_node: NodeFactory,
+) -> None:
+    a, seen = await make_node(unsubscribe_delay=0)
+    b, _ = await make_node()
+    await a.subscribe("x")
+    await a.subscribe("x/+")
+    for i in range(30):
+        await a.unsubscribe("x")
+        await a.unsubscribe("x/+")
+        for _ in range(i % 4):  # let the UNSUBSCRIBE go out, or not yet
+            await asyncio.sleep(0)
+        await a.subscribe("x")
+        await a.subscribe("x/+")
+        await b.publish("x", b"%d" % i)
+        await b.publish("x/y", b"y%d" % i)
+        # (What is still on its way when the node unsubscribes is not for it any more.)
+        await eventually(lambda i=i: len(seen.pubs) == 2 * i + 2)  # type: ignore[misc]
+    expected = [data for i in range(30) for data in (b"%d" % i, b"y%d" % i)]
+    assert seen.data() == expected
+
+
 def test_filter_patterns() -> None:
     assert filter_pattern("rt:c:", "a/+/c") == "rt:c:a/*/c"
     assert filter_pattern("rt:c:", "a/#") == "rt:c:a*"
@@ -638,3 +665,80 @@ async def test_gateways_ride_out_a_redis_restart(
     if data == [b"2"]:  # published before the listener's node was back: may be missed
         data.append((await listener.publication()).pub.data)
     assert data[-1] == b"3"
+
+
+async def test_mqtt_devices_on_two_gateways(
+    make_gateway: GatewayFactory, redis_server: RedisServer, clients: list[RawClient]
+) -> None:
+    config = cluster_config(redis_server.url, f"m{secrets.token_hex(4)}")
+    config["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
+    one = await make_gateway(**config)
+    two = await make_gateway(**config)
+    listener = Device(one, "listener", v5=True)
+    sender = Device(two, "sender", v5=True)
+    made = [listener, sender]
+    try:
+        await listener.connect()
+        await sender.connect()
+        await listener.subscribe("sensors/+/temp", qos=1)
+        watcher = await RawClient.open(one)
+        clients.append(watcher)
+        await watcher.subscribe("sensors/1/temp")
+        props = paho_properties.Properties(PacketTypes.PUBLISH)
+        props.ContentType = "text/plain"
+        props.UserProperty = [("unit", "C")]
+        info = sender.client.publish(
+            "sensors/1/temp", b"21.5", qos=1, retain=True, properties=props
+        )
+        await asyncio.to_thread(info.wait_for_publish, 5)
+        message = await listener.message()
+        assert (message.topic, message.payload, message.qos) == ("sensors/1/temp", b"21.5", 1)
+        assert message.properties.ContentType == "text/plain"
+        assert message.properties.UserProperty == [("unit", "C")]
+        assert (await watcher.publication()).pub.data == b"21.5"
+        # The retained message is in Redis: a device subscribing through the other node
+        # gets it.
+        late = Device(one, "late", v5=True)
+        made.append(late)
+        await late.connect()
+        await late.subscribe("sensors/#", qos=1)
+        retained = await late.message()
+        assert (retained.payload, retained.retain) == (b"21.5", True)
+        assert retained.properties.ContentType == "text/plain"
+    finally:
+        for device in made:
+            await asyncio.to_thread(device.stop)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("broker", "message"),
+    [
+        ({"type": "redis", "redis_urls": []}, "broker.redis_urls: list at least one"),
+        ({"type": "redis", "redis_urls": ["http://x"]}, r"broker.redis_urls\[0\]: 'http://x'"),
+        ({"type": "redis", "redis_urls": ["redis://h/x"]}, r"redis_urls\[0\].*not a number"),
+        (
+            {"type": "redis", "redis_urls": ["redis://h:1/0", "redis://u:p@h:1/0"]},
+            r"broker.redis_urls\[1\]: .*listed twice",
+        ),
+        ({"type": "redis", "key_prefix": "a b"}, "broker.key_prefix"),
+        ({"type": "redis", "pubsub_queue_size": 0}, "broker.pubsub_queue_size"),
+        ({"type": "redis", "unsubscribe_delay": -1}, "broker.unsubscribe_delay"),
+        ({"type": "redis", "connect_timeout": 0}, "broker.connect_timeout"),
+        ({"type": "kafka"}, "broker.type: 'kafka' is not one of memory, redis"),
+    ],
+)
+def test_broker_config_errors_name_the_key(broker: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"broker": broker})
+
+
+def test_cluster_config_builds_a_redis_broker() -> None:
+    config = load_config(Path(__file__).parent.parent / "config" / "cluster.toml", environ={})
+    broker = make_broker(config)
+    assert isinstance(broker, RedisBroker) and not broker.single_node
+    assert [a.name for a in broker._addresses] == ["127.0.0.1:6379/0"]
+    unix = config_from_dict({"broker": {"type": "redis", "redis_urls": ["unix:///tmp/r.sock"]}})
+    assert unix.broker.redis_urls == ["unix:///tmp/r.sock"]

@@ -294,9 +294,9 @@ class PubSubShard:
         flags = table.get(name, 0)
         table[name] = flags | WANTED
         self._released.pop(name, None)
-        if flags & ACTIVE or not self.up:
+        if flags & (SENT | ACTIVE) == SENT | ACTIVE or not self.up:
             return
-        if not flags & SENT:
+        if not flags & SENT:  # never sent, or an unsubscribe is on its way: (re)subscribe
             (self._dirty_patterns if pattern else self._dirty).add(name)
             self._schedule_flush()
         future: asyncio.Future[None] = self.loop.create_future()
