@@ -17,6 +17,7 @@ from realtime.config import (
     load_config,
     require_secrets,
 )
+from realtime.gctune import tune_for_long_lived_connections
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -86,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await gateway.start()
+        tune_for_long_lived_connections()
         print(_banner(config, gateway, created), flush=True)
         await stop.wait()
         await gateway.stop()
