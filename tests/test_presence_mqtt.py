@@ -19,7 +19,7 @@ from realtime.mqtt.packets import (
     SubscriptionOptions,
 )
 from realtime.protocol import realtime_pb2 as pb
-from tests.conftest import GatewayFactory, RawClient, make_token
+from tests.conftest import GatewayFactory, RawClient, make_token, publish
 from tests.test_mqtt import Device, raw_device
 from tests.test_presence import next_event, presence, wait_until
 
@@ -137,3 +137,25 @@ async def test_devices_do_not_see_typing(gateway: Gateway, devices: list[Device]
     reply = await alice.request(typing=pb.TypingRequest(channel="room/5", active=True))
     assert not reply.HasField("error")
     assert await device.nothing_more(0.5)
+
+
+async def test_a_websocket_client_leaving_a_channel_keeps_the_device_on_it(
+    gateway: Gateway, devices: list[Device]
+) -> None:
+    """The node subscribes the broker once per channel for both kinds of subscriber; the
+    last of either kind to leave unsubscribes it, not the first."""
+    app = await RawClient.open(gateway, token=make_token("app"))
+    await app.subscribe("shared/1")
+    device = Device(gateway, "sensor-6")
+    devices.append(device)
+    await device.connect(token=make_token("dev-user"))
+    await device.subscribe("shared/1")
+    await app.request(unsubscribe=pb.UnsubscribeRequest(channel="shared/1"))
+    await publish(gateway, "shared/1", {"n": 1})
+    assert (await device.message()).payload == b'{"n":1}'
+    # And the other way round.
+    await app.subscribe("shared/1")
+    device.client.unsubscribe("shared/1")
+    await asyncio.sleep(0.2)
+    await publish(gateway, "shared/1", {"n": 2})
+    assert (await app.publication()).pub.data == b'{"n":2}'

@@ -190,7 +190,8 @@ class Node:
         self.loop.create_task(self._broker_unsubscribe(channel))
 
     async def _broker_unsubscribe(self, channel: str) -> None:
-        if self.hub.subscriber_count(channel) == 0:
+        # An MQTT device subscribed to exactly this channel still needs it.
+        if self.hub.subscriber_count(channel) == 0 and channel not in self._filter_refs:
             try:
                 await self.broker.unsubscribe(channel)
             except Exception:
@@ -352,7 +353,8 @@ class Node:
             self._filter_refs[topic_filter] = count
             return
         self._filter_refs.pop(topic_filter, None)
-        if count == 0:
+        # A WebSocket client subscribed to exactly this channel still needs it.
+        if count == 0 and self.hub.subscriber_count(topic_filter) == 0:
             await self.broker.unsubscribe(topic_filter)
 
     async def unsubscribe(self, session: Session, channel: str) -> None:
