@@ -45,6 +45,7 @@ import uvloop
 
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.delta import DeltaError, apply_delta
+from realtime.protocol.framing import split_delimited
 
 # A script, not a package module: bench/ goes on the path for the shared bench/common.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -273,7 +274,7 @@ class Client(asyncio.Protocol):
                 self.waiter = asyncio.get_running_loop().create_future()
             frame = self.messages[seen]
             seen += 1
-            for message in split_messages(frame):
+            for message in split_delimited(frame):
                 reply = pb.Reply.FromString(message)
                 if reply.HasField("push"):
                     continue
@@ -286,24 +287,6 @@ class Client(asyncio.Protocol):
         if self.waiter is not None:
             await asyncio.wait_for(self.waiter, timeout)
         self.waiter = None
-
-
-def split_messages(frame: bytes) -> list[bytes]:
-    """The varint-delimited messages of a binary frame."""
-    out = []
-    pos, end = 0, len(frame)
-    while pos < end:
-        length, shift = 0, 0
-        while True:
-            b = frame[pos]
-            pos += 1
-            length |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-        out.append(frame[pos : pos + length])
-        pos += length
-    return out
 
 
 # ----------------------------------------------------------------------------- load generator
@@ -466,7 +449,7 @@ class LoadGen(LoadGenBase[Client]):
         """Every publish answered, without error, at consecutive offsets."""
         offsets = []
         for frame in publisher.messages:
-            for message in split_messages(frame):
+            for message in split_delimited(frame):
                 reply = pb.Reply.FromString(message)
                 if reply.HasField("error"):
                     self.stats.errors.append(f"publish {reply.id}: error {reply.error.code}")

@@ -41,6 +41,7 @@ from pathlib import Path
 import uvloop
 
 from realtime.protocol import realtime_pb2 as pb
+from realtime.protocol.framing import split_delimited
 
 # A script, not a package module: bench/ goes on the path for the shared bench/common.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -241,7 +242,7 @@ class Client(asyncio.Protocol):
                 self.waiter = asyncio.get_running_loop().create_future()
             frame = self.messages[seen]
             seen += 1
-            for message in _messages(frame):
+            for message in split_delimited(frame):
                 reply = pb.Reply.FromString(message)
                 if reply.HasField("push"):
                     continue
@@ -249,24 +250,6 @@ class Client(asyncio.Protocol):
                 if reply.HasField("error"):
                     raise RuntimeError(f"server error: {reply.error.code} {reply.error.message}")
                 return reply
-
-
-def _messages(frame: bytes) -> list[bytes]:
-    """The varint-delimited messages of a binary frame."""
-    out = []
-    pos, end = 0, len(frame)
-    while pos < end:
-        length, shift = 0, 0
-        while True:
-            b = frame[pos]
-            pos += 1
-            length |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-        out.append(frame[pos : pos + length])
-        pos += length
-    return out
 
 
 class LoadGen(LoadGenBase[Client]):
