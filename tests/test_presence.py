@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from realtime.app import Gateway
@@ -229,6 +230,27 @@ async def test_user_status(gateway: Gateway) -> None:
     reply = await asker.request(user_status=pb.UserStatusRequest(users=[""]))
     assert reply.error.code == ErrorCode.BAD_REQUEST
     await asker.close()
+
+
+async def test_user_status_in_json(gateway: Gateway) -> None:
+    token = make_token("alice")
+    async with connect(ws_url(gateway), subprotocols=[Subprotocol(JSON.name)]) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {"token": token}}))
+        await ws.send(json.dumps({"id": 2, "user_status": {"users": ["alice", "zed"]}}))
+        while (reply := json.loads(await ws.recv())).get("id") != 2:
+            pass
+        statuses = reply["user_status"]["statuses"]
+        assert [(s["user"], s.get("online", False)) for s in statuses] == [
+            ("alice", True),
+            ("zed", False),
+        ]
+        # A string where the list goes: a malformed command, and the reason says where.
+        await ws.send(json.dumps({"id": 3, "user_status": {"users": "alice"}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 3501
+    assert "command.user_status.users: expected a list" in closed.value.rcvd.reason
 
 
 async def test_user_status_can_be_reserved_for_the_server_api(

@@ -206,7 +206,10 @@ def _set_field(msg: Message, field: FieldDescriptor, value: Any, where: str) -> 
             getattr(msg, name).SetInParent()
         return
     if field.is_repeated:
-        raise ValueError(f"{where}: repeated scalars are not used by this protocol")
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        getattr(msg, name).extend(_scalar(field, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return
     setattr(msg, name, _scalar(field, value, where))
 
 
