@@ -110,7 +110,8 @@ class Metrics:
             "channel_events_total",
             "counter",
             "Ephemeral channel events handled (join, leave, typing; typing_throttled: "
-            "typing commands not forwarded).",
+            "typing commands not forwarded; stream_gap: channels whose local subscribers "
+            "were told to resubscribe because publications may have been lost).",
             labelled("kind", self.channel_events),
         )
         metric(

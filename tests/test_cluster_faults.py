@@ -322,21 +322,11 @@ async def stop_all(consumers: list[Consumer], nodes: list[Node]) -> None:
 # ----------------------------------------------------------------------------- 1. Redis
 
 
-LIVE_EPOCH_BUG = (
-    "product bug: a subscriber that stays connected while Redis restarts empty is never "
-    "told the stream's epoch changed. Live publications carry no epoch, the node forwards "
-    "the new epoch's offsets 1, 2, ... unchecked, and the client drops every one at or "
-    "below its old position as a duplicate (no recovered=false, no on_recovery_failed): "
-    "observed 6/6 subscribers stuck at (5000, old epoch) while seqs 5001..10000 went out "
-    "as new-epoch offsets 1..5000. See ARCHITECTURE 'Not yet: periodic position checks'."
-)
-
-
 @pytest.mark.parametrize(
     "subscribers",
     [
         "resume",
-        pytest.param("connected", marks=pytest.mark.xfail(strict=True, reason=LIVE_EPOCH_BUG)),
+        "connected",
     ],
 )
 async def test_redis_killed_and_restarted_mid_stream(

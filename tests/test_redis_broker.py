@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from realtime.app import make_broker
 from realtime.brokers.redis import RedisBroker
 from realtime.brokers.redis_pubsub import filter_pattern
+from realtime.client import Client, Subscription
 from realtime.config import BrokerConfig, ConfigError, config_from_dict, load_config
 from realtime.core.broker import (
     JOIN,
@@ -40,9 +41,9 @@ from realtime.core.broker import (
 from realtime.core.mqtt_session import MqttMeta
 from realtime.mqtt.packets import Properties
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codes import ErrorCode
+from realtime.protocol.codes import ErrorCode, UnsubscribeCode
 
-from .conftest import GatewayFactory, RawClient, make_token, publish
+from .conftest import GatewayFactory, RawClient, api_post, make_token, publish, ws_url
 from .redis_server import RedisServer, free_port
 from .test_mqtt import Device
 
@@ -56,12 +57,16 @@ class Recorder:
     def __init__(self) -> None:
         self.pubs: list[tuple[str, Publication]] = []
         self.events: list[tuple[str, ChannelEvent]] = []
+        self.gaps: list[list[str]] = []
 
     def handle_publication(self, channel: str, pub: Publication) -> None:
         self.pubs.append((channel, pub))
 
     def handle_event(self, channel: str, event: ChannelEvent) -> None:
         self.events.append((channel, event))
+
+    def handle_stream_gap(self, channels: list[str]) -> None:
+        self.gaps.append(sorted(channels))
 
     def seen(self, channel: str | None = None) -> list[tuple[str, int, bytes]]:
         return [(c, p.offset, p.data) for c, p in self.pubs if channel in (None, c)]
@@ -396,9 +401,7 @@ async def test_presence_expiry_is_announced_once(make_node: NodeFactory) -> None
     assert not await a.remove_presence("room", "c3")
     assert set(await b.presence("room")) == {"c1", "c2"}
     # c2's node stops refreshing it (it died): gone from presence after its TTL...
-    await b.refresh_presence(
-        [("room", PresenceEntry("c2", "alice", device="phone"))], ttl=0.2
-    )
+    await b.refresh_presence([("room", PresenceEntry("c2", "alice", device="phone"))], ttl=0.2)
     deadline = time.monotonic() + 10
     while "c2" in await b.presence("room"):
         assert time.monotonic() < deadline
@@ -522,8 +525,10 @@ async def test_redis_restart_refuses_then_reconnects_and_resubscribes(
     server.start()
     await eventually(lambda: a.shards[0].pubsub.up and b.shards[0].pubsub.up, timeout=20)
     await eventually(
-        lambda: all(a.shards[0].pubsub.is_active(n) for n in a.shards[0].pubsub.wanted())
-        and all(a.shards[0].pubsub.is_active(n, True) for n in a.shards[0].pubsub.wanted(True))
+        lambda: (
+            all(a.shards[0].pubsub.is_active(n) for n in a.shards[0].pubsub.wanted())
+            and all(a.shards[0].pubsub.is_active(n, True) for n in a.shards[0].pubsub.wanted(True))
+        )
     )
     after = await b.publish("room", b"after", history=POLICY)
     await b.publish("dev/1", b"dev")
@@ -533,6 +538,9 @@ async def test_redis_restart_refuses_then_reconnects_and_resubscribes(
     # Redis lost its data: a new epoch, so old positions are not "recovered" by mistake.
     assert after.position.epoch != before.position.epoch and after.position.offset == 1
     assert a.shards[0].pubsub.reconnects == 1
+    # What was published meanwhile never reached `a`: its channels (not the pattern) are
+    # reported once as a stream gap; `late` was first subscribed while Redis was down.
+    assert sorted(c for gap in seen.gaps for c in gap) == ["late", "room"]
 
 
 async def test_unreachable_redis_at_start(make_node: NodeFactory) -> None:
@@ -563,9 +571,11 @@ async def test_a_node_that_falls_behind_drops_and_counts(
     await eventually(lambda: a.shards[0].pubsub.messages == 50)
     await eventually(lambda: len(seen.pubs) == 5)
     assert a.shards[0].pubsub.dropped == 45
-    assert [p.offset for _, p in seen.pubs] == [1, 2, 3, 4, 5]  # a gap subscribers see
+    assert [p.offset for _, p in seen.pubs] == [1, 2, 3, 4, 5]
+    assert seen.gaps == [["flood"]]  # reported once per drain, not once per message
     await a.publish("flood", b"next")
     await eventually(lambda: len(seen.pubs) == 6)
+    assert seen.gaps == [["flood"]]
 
 
 # ----------------------------------------------------------------------------- gateways
@@ -742,3 +752,95 @@ def test_cluster_config_builds_a_redis_broker() -> None:
     assert [a.name for a in broker._addresses] == ["127.0.0.1:6379/0"]
     unix = config_from_dict({"broker": {"type": "redis", "redis_urls": ["unix:///tmp/r.sock"]}})
     assert unix.broker.redis_urls == ["unix:///tmp/r.sock"]
+
+
+async def publish_when_up(gateway: Any, channel: str, data: Any) -> dict[str, Any]:
+    """Publish through the server API, retrying while the node's Redis is not back."""
+    deadline = time.monotonic() + 20
+    while True:
+        status, body = await api_post(gateway, "publish", {"channel": channel, "data": data})
+        if status == 200:
+            result: dict[str, Any] = body
+            return result
+        assert time.monotonic() < deadline, (status, body)
+        await asyncio.sleep(0.1)
+
+
+async def test_a_redis_restart_tells_websocket_subscribers_to_resubscribe(
+    make_gateway: GatewayFactory,
+    make_redis_server: Callable[[], RedisServer],
+    clients: list[RawClient],
+) -> None:
+    """Publications made while a node's pub/sub link was down never reach it: its
+    subscribers of channels with history get an `unsubscribe` push with code 2500 and
+    resubscribe from their position (here Redis restarted empty: recovered=false, a new
+    epoch); channels without history keep their subscription."""
+    server = make_redis_server()
+    config = cluster_config(server.url, "gap")
+    one = await make_gateway(**config)
+    two = await make_gateway(**config)
+    listener = await RawClient.open(one)
+    other = await RawClient.open(one)
+    clients.extend([listener, other])
+    first = await listener.subscribe("chat/room")
+    await other.subscribe("chat/room")
+    assert (await listener.push()).HasField("join")  # the other one
+    await listener.subscribe("open/news")
+    await publish(two, "chat/room", "before")
+    assert (await listener.publication()).pub.offset == 1
+    assert (await other.publication()).pub.offset == 1
+    server.restart()
+    for client in (listener, other):
+        while True:
+            push = await client.push(timeout=20)
+            if push.HasField("unsubscribe"):
+                break
+            assert not push.HasField("pub")  # nothing from the new epoch before it
+        assert push.channel == "chat/room"
+        assert push.unsubscribe.code == UnsubscribeCode.RESUBSCRIBE == 2500
+        assert push.unsubscribe.reason == "stream gap: resubscribe with recovery"
+    gaps = one.node.metrics.channel_events["stream_gap"]
+    assert gaps == 1
+    since = pb.StreamPosition(offset=1, epoch=first.position.epoch)
+    deadline = time.monotonic() + 20
+    while True:  # as told: resubscribe, retrying temporary errors (Redis just came back)
+        request = pb.SubscribeRequest(channel="chat/room", recover=True, since=since)
+        reply = await listener.request(subscribe=request)
+        if not reply.HasField("error"):
+            break
+        assert reply.error.temporary and time.monotonic() < deadline, reply.error
+        await asyncio.sleep(reply.error.retry_after_ms / 1000)
+    again = reply.subscribe
+    assert not again.recovered and again.position.epoch != first.position.epoch
+    await publish_when_up(two, "chat/room", "after")
+    pushed = await listener.publication()
+    assert (pushed.channel, json.loads(pushed.pub.data)) == ("chat/room", "after")
+    # Still subscribed to the channel without history: nothing to recover there.
+    reply = await listener.request(subscribe=pb.SubscribeRequest(channel="open/news"))
+    assert reply.error.code == ErrorCode.ALREADY_SUBSCRIBED
+
+
+async def test_the_python_client_resubscribes_after_a_stream_gap(
+    make_gateway: GatewayFactory, make_redis_server: Callable[[], RedisServer]
+) -> None:
+    server = make_redis_server()
+    config = cluster_config(server.url, "gapc")
+    one = await make_gateway(**config)
+    two = await make_gateway(**config)
+    failed: list[Subscription] = []
+    async with Client(ws_url(one), token=make_token("py")) as client:
+        sub = await client.subscribe("chat/room")
+        sub.on_recovery_failed = failed.append
+        await publish(two, "chat/room", "before")
+        assert json.loads((await sub.get(timeout=5)).data) == "before"
+        old = sub.position
+        assert old is not None and old.offset == 1
+        server.restart()
+        await eventually(lambda: bool(failed), timeout=20)
+        assert failed == [sub] and not sub.recovered and not sub.closed
+        assert client.subscriptions["chat/room"] is sub
+        result = await publish_when_up(two, "chat/room", "after")
+        pub = await sub.get(timeout=5)
+        assert json.loads(pub.data) == "after" and pub.offset == 1
+        assert sub.position is not None and sub.position.epoch != old.epoch
+        assert result["position"]["epoch"] == sub.position.epoch

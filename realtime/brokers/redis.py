@@ -166,6 +166,7 @@ class RedisBroker(Broker):
                 self._filters,
                 self._dispatch,
                 loop,
+                gap=self._stream_gap,
                 queue_size=config.pubsub_queue_size,
                 unsubscribe_delay=config.unsubscribe_delay,
                 connect_timeout=config.connect_timeout,
@@ -252,6 +253,11 @@ class RedisBroker(Broker):
             handler.handle_publication(channel, item)
         else:
             handler.handle_event(channel, item)
+
+    def _stream_gap(self, channels: list[str]) -> None:
+        handler = self._handler
+        if handler is not None and channels:
+            handler.handle_stream_gap(channels)
 
     # ------------------------------------------------------------------ publish, history
 

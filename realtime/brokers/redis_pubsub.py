@@ -5,8 +5,9 @@ The connection is a plain asyncio protocol with hiredis' reader: bytes arrive in
 loop callback drains in batches of `BATCH` (yielding to the node's other connections in
 between). When the node falls behind, messages past `queue_size` are dropped and counted
 rather than left to pile up in Redis (which would cut the connection at its output-buffer
-limit); the channels' positions make the loss visible to subscribers, who recover. One
-queue per instance, in arrival order: a channel lives on one instance, so its order holds.
+limit); the channels of dropped messages are reported as a stream gap (`gap`, once per
+channel per drain), so their subscribers are told to recover. One queue per instance, in
+arrival order: a channel lives on one instance, so its order holds.
 
 Subscriptions: each Redis channel name has flags (`WANTED` by the node, `SENT` on this
 connection, `ACTIVE` once Redis confirmed). Subscribes made in one loop tick go out as one
@@ -22,7 +23,9 @@ else the copy of the smallest active pattern whose filter matches.
 
 When the connection drops, the instance counts as down (commands fail at once with
 `BrokerUnavailable`), and reconnects with full-jitter exponential backoff, resubscribing
-everything wanted.
+everything wanted. Whatever was published meanwhile never reached this node: each channel
+wanted across the drop is reported as a stream gap (`gap`) once Redis confirmed its
+subscription on the new connection. Patterns are not reported (MQTT filters, QoS 0).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class PubSubShard:
         dispatch: Callable[[str, bytes], None],
         loop: asyncio.AbstractEventLoop,
         *,
+        gap: Callable[[list[str]], None] | None = None,
         queue_size: int,
         unsubscribe_delay: float,
         connect_timeout: float,
@@ -125,6 +129,7 @@ class PubSubShard:
         self.prefix = channel_prefix
         self.filters = filters  # the broker's MQTT filters -> their Redis pattern
         self.dispatch = dispatch
+        self.gap = gap  # channels (without prefix) whose publications may have been lost
         self.queue_size = queue_size
         self.unsubscribe_delay = unsubscribe_delay
         self.connect_timeout = connect_timeout
@@ -139,6 +144,13 @@ class PubSubShard:
         self._flush_handle: asyncio.Handle | None = None
         self._release_handle: asyncio.TimerHandle | None = None
         self.queue: deque[tuple[bytes, bytes]] = deque()
+        self._lost: set[bytes] = set()  # channels of dropped messages, until the next drain
+        # Channels wanted across a lost connection, until their subscription is confirmed
+        # again; then they are reported as a gap.
+        self._gap_pending: set[bytes] = set()
+        self._gap_ready: list[bytes] = []  # confirmed again: reported in the next tick
+        self._gap_handle: asyncio.Handle | None = None
+        self._was_up = False
         self._drain_handle: asyncio.Handle | None = None
         self.protocol: _Protocol | None = None  # the connection, once ready
         self.up = False
@@ -166,7 +178,12 @@ class PubSubShard:
 
     async def close(self) -> None:
         self.closed = True
-        for handle in (self._flush_handle, self._release_handle, self._drain_handle):
+        for handle in (
+            self._flush_handle,
+            self._release_handle,
+            self._drain_handle,
+            self._gap_handle,
+        ):
             if handle is not None:
                 handle.cancel()
         if self.protocol is not None and self.protocol.transport is not None:
@@ -245,6 +262,9 @@ class PubSubShard:
         self._ping_sent = 0.0
         # Everything wanted goes out again on the new connection.
         self._dirty = {name for name, flags in self.channels.items() if flags & WANTED}
+        if self._was_up:
+            self._gap_pending |= self._dirty
+        self._was_up = True
         self._dirty_patterns = {name for name, flags in self.patterns.items() if flags & WANTED}
         self._flush()
         self._connected.set()
@@ -314,6 +334,8 @@ class PubSubShard:
         if flags is None or not flags & WANTED:
             return
         flags &= ~WANTED
+        if not pattern:
+            self._gap_pending.discard(name)
         if not flags:
             del table[name]
             (self._dirty_patterns if pattern else self._dirty).discard(name)
@@ -390,6 +412,11 @@ class PubSubShard:
         if active:
             table[name] = flags | ACTIVE
             self._wake_waiters(name)
+            if table is self.channels and name in self._gap_pending:
+                self._gap_pending.discard(name)
+                self._gap_ready.append(name)
+                if self._gap_handle is None:
+                    self._gap_handle = self.loop.call_soon(self._report_ready)
         else:
             flags &= ~ACTIVE
             if flags & WANTED and not flags & SENT:
@@ -461,6 +488,7 @@ class PubSubShard:
         self.messages += 1
         if len(self.queue) >= self.queue_size:
             self.dropped += 1
+            self._lost.add(name)
             return
         self.queue.append((name, data))
         if self._drain_handle is None:
@@ -478,8 +506,26 @@ class PubSubShard:
                 self.handler_errors += 1
                 if self.handler_errors <= 10 or self.handler_errors % 1000 == 0:
                     log.exception("redis_message_failed", extra={"fields": {"count": 1}})
+        if self._lost:
+            lost, self._lost = self._lost, set()
+            self._report_gap(lost)
         if queue and not self.closed:
             self._drain_handle = self.loop.call_soon(self._drain)
+
+    def _report_ready(self) -> None:
+        self._gap_handle = None
+        ready, self._gap_ready = self._gap_ready, []
+        self._report_gap(ready)
+
+    def _report_gap(self, names: Iterable[bytes]) -> None:
+        if self.gap is None or self.closed:
+            return
+        prefix_len = len(self.prefix)
+        try:
+            self.gap([name[prefix_len:].decode() for name in names])
+        except Exception:
+            self.handler_errors += 1
+            log.exception("redis_stream_gap_failed")
 
     # ------------------------------------------------------------------ health
 

@@ -57,7 +57,7 @@ from realtime.client.policy import (
 )
 from realtime.client.subscription import Subscription, _State
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codes import Action, ErrorCode
+from realtime.protocol.codes import Action, ErrorCode, is_resubscribe_code
 from realtime.protocol.framing import FrameError, encode_delimited, split_delimited
 
 __all__ = ["SUBPROTOCOL", "Client"]
@@ -783,6 +783,13 @@ class Client:
             if sub is not None:
                 sub._on_event(push, event)
         elif event == "unsubscribe":
+            sub = self._subs.get(push.channel)
+            if sub is not None and is_resubscribe_code(push.unsubscribe.code):
+                # The server ended it because publications may have been lost on the way:
+                # subscribe again, recovering from the last position.
+                if sub._ended_for_resubscribe():
+                    self._resubscribe_soon(sub)
+                return False
             sub = self._subs.pop(push.channel, None)
             if sub is not None:
                 channel, code, reason = push.channel, push.unsubscribe.code, push.unsubscribe.reason
@@ -1095,6 +1102,12 @@ class Client:
         if self._state is _ConnState.CONNECTED and self._subs.get(sub.channel) is sub:
             self._spawn(self._resync_task(sub), f"resync {sub.channel}")
 
+    def _resubscribe_soon(self, sub: Subscription) -> None:
+        """The server ended ``sub`` asking for a resubscribe with recovery (called by the
+        reader). While reconnecting there is nothing to do: the reconnect resubscribes it."""
+        if self._state is _ConnState.CONNECTED and self._subs.get(sub.channel) is sub:
+            self._spawn(self._subscribe_again(sub), f"resubscribe {sub.channel}")
+
     async def _resync_task(self, sub: Subscription) -> None:
         if sub._resync_streak > 1:  # the server keeps sending deltas that do not apply
             await asyncio.sleep(
@@ -1113,6 +1126,11 @@ class Client:
             # the retry handles.
             logger.debug("resync of %r: unsubscribe failed: %r", sub.channel, exc)
             sub._discarding = False
+        await self._subscribe_again(sub)
+
+    async def _subscribe_again(self, sub: Subscription) -> None:
+        """Subscribe ``sub`` again (the server's subscription is gone), with recovery
+        when it wants it; retried until it succeeds or the refusal is final."""
         if sub.closed or self._subs.get(sub.channel) is not sub:
             return
         recover = sub._wants_recovery()

@@ -60,7 +60,10 @@ class Subscription:
     ``position`` is the last stream position seen (``None`` for a channel without
     history), ``recovered`` the outcome of the last (re)subscribe. ``on_recovery_failed``
     is called with the subscription when a resubscribe after a reconnect could not
-    recover the missed publications: the application should reload its state.
+    recover the missed publications: the application should reload its state. The same
+    goes when the server ends the subscription asking for a resubscribe (an
+    ``unsubscribe`` push with a code in 2500-2999, e.g. a stream gap after Redis
+    restarted): the subscription stays open and resubscribes with recovery by itself.
     ``dropped`` counts publications discarded because the queue was full
     (``max_queue``; the oldest is dropped).
 
@@ -316,6 +319,22 @@ class Subscription:
         # NEW subscriptions belong to a subscribe() call that sends (or fails) by itself.
         if self._state in (_State.ACTIVE, _State.SUBSCRIBING):
             self._state = _State.SUBSCRIBING
+
+    def _ended_for_resubscribe(self) -> bool:
+        """The server ended the subscription with a resubscribe code (publications may
+        have been lost on the way): recover from the last position, even without
+        ``recover``, and report a failed recovery. True when a resubscribe must be sent;
+        False when one is on its way already (or the subscription is not active)."""
+        if self._state is not _State.ACTIVE:
+            if self._state is _State.SUBSCRIBING:
+                self._resyncing = True
+            return False
+        self._base = None
+        self._buffer = []
+        self._discarding = False
+        self._resyncing = True
+        self._state = _State.SUBSCRIBING
+        return True
 
     def _unsubscribed_for_resync(self, reply: pb.Reply) -> None:
         """The unsubscribe of a resync was answered: later pushes are the new

@@ -15,6 +15,11 @@ The contract every implementation keeps:
   to the handler as a leave event, like a clean removal.
 - ephemeral events (join, leave, typing) reach every node subscribed to the channel, like
   publications, but are never stored and carry no position.
+- when publications of subscribed channels may have been lost on the way to this node
+  (its pub/sub link to a Redis instance dropped and came back, or its pub/sub queue
+  overflowed), the broker calls `handle_stream_gap` with those channels, once it receives
+  them again; their subscribers must recover from their last position. A broker that
+  cannot lose a publication on the way (the memory broker) never calls it.
 """
 
 from __future__ import annotations
@@ -126,6 +131,11 @@ class BrokerHandler(Protocol):
     def handle_publication(self, channel: str, pub: Publication) -> None: ...
 
     def handle_event(self, channel: str, event: ChannelEvent) -> None: ...
+
+    def handle_stream_gap(self, channels: list[str]) -> None:
+        """Publications of these channels may have been lost on the way to this node
+        (pub/sub reconnect, queue overflow); their subscribers must recover."""
+        ...
 
 
 class Broker(ABC):

@@ -3,9 +3,11 @@
 Client commands and the server API both end up here (publish, subscribe with recovery,
 history, presence, typing, disconnect). The node is the broker's handler: publications
 go straight to the hub; ephemeral events (join, leave, typing) are checked against the
-channel's namespace first. One housekeeping task per node does what would otherwise need
-a timer per connection: pings in buckets, token expiry, connect deadlines, presence
-refresh, typing expiry.
+channel's namespace first; a stream gap (publications may have been lost on the way to
+this node) ends the local WebSocket subscriptions of the channels that keep history with
+an `unsubscribe` push (code 2500) that tells their clients to resubscribe with recovery.
+One housekeeping task per node does what would otherwise need a timer per connection:
+pings in buckets, token expiry, connect deadlines, presence refresh, typing expiry.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from realtime.core.typing_state import TypingThrottle
 from realtime.core.writer import FlushScheduler, Outbound
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError
+from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError, UnsubscribeCode
 from realtime.protocol.delta import DELTA_TYPES
 
 log = logging.getLogger("realtime.node")
@@ -307,6 +309,16 @@ class Node:
             raise
         if session.state >= CLOSING:
             return result, []
+        if channel not in session.channels:
+            # A stream gap ended it while history was read: what was buffered may miss
+            # publications. The client retries, from its position.
+            raise ProtocolError(
+                ErrorCode.BROKER_UNAVAILABLE,
+                "publications may have been lost while subscribing: retry",
+                temporary=True,
+                retry_after_ms=100,
+                action=Action.RETRY,
+            )
         buffered = self.hub.go_live(channel, out, wire, bool(delta))
         result.recoverable = True
         result.position.CopyFrom(pb_position(top))
@@ -574,6 +586,41 @@ class Node:
             # Others hear of a join; the joiner knows already.
             self.hub.push_event(channel, pb.Reply(push=push), self._outbound_of(info.client))
         self.metrics.channel_events[event.kind] += 1
+
+    def handle_stream_gap(self, channels: list[str]) -> None:
+        """Broker handler: publications of `channels` may have been lost on the way to
+        this node. Each local WebSocket subscription of a channel that keeps history ends
+        here with an `unsubscribe` push (UnsubscribeCode.RESUBSCRIBE): the client
+        resubscribes from its last position and recovers what was lost (or learns that it
+        cannot). Channels without history have no position to recover from: nothing to
+        do. MQTT devices neither: their delivery is QoS 0 across nodes (persistent QoS 1
+        sessions kept in Redis are future work)."""
+        gapped = {
+            channel
+            for channel in channels
+            if channel in self.hub.channels and self.namespace(channel).history is not None
+        }
+        if not gapped:
+            return
+        self.metrics.channel_events["stream_gap"] += len(gapped)
+        unsubscribed = pb.Unsubscribed(
+            code=UnsubscribeCode.RESUBSCRIBE, reason="stream gap: resubscribe with recovery"
+        )
+        for session in list(self.sessions):
+            hit = session.channels & gapped
+            if not hit:
+                continue
+            for channel in hit:
+                ch = self.hub.channels.get(channel)
+                subscribing = ch is not None and session.outbound in ch.buffering
+                session.channels.discard(channel)
+                self.presence_leave(channel, session.id)
+                if self.hub.remove(channel, session.outbound, session.wire):
+                    self._release_channel(channel)
+                if subscribing:
+                    continue  # its subscribe is answered with a temporary error instead
+                push = pb.Reply(push=pb.Push(channel=channel, unsubscribe=unsubscribed))
+                session.push_raw(session.wire.frame(session.codec.encode_reply(push)))
 
     # ------------------------------------------------------------------ control
 

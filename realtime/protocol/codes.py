@@ -57,6 +57,25 @@ class ProtocolError(Exception):
         return f"{self.code.name.lower()} ({int(self.code)}): {self.message}"
 
 
+class UnsubscribeCode(IntEnum):
+    """Codes of an `unsubscribe` push (the server ended one subscription).
+
+    2000-2499: unsubscribed by the server, do not resubscribe.
+    2500-2999: resubscribe now, with recovery from the last position.
+    """
+
+    RESUBSCRIBE = 2500  # publications may have been lost on the way (a stream gap)
+
+    @property
+    def resubscribe(self) -> bool:
+        return is_resubscribe_code(self)
+
+
+def is_resubscribe_code(code: int) -> bool:
+    """Whether an `unsubscribe` push with `code` asks to resubscribe with recovery."""
+    return 2500 <= code <= 2999
+
+
 class CloseCode(IntEnum):
     # Reconnect with backoff.
     SHUTDOWN = 3000  # node is draining: reconnect (to another node) after the hinted delay
