@@ -45,6 +45,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
+from realtime.protocol.framing import encode_varint  # stdlib only: cheap for orchestrators
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Children need the `realtime` package: this interpreter, or the repository's virtualenv.
@@ -683,18 +685,9 @@ def loadgen_parser(
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def delimited(message: bytes) -> bytes:
     """One message as realtime.v1.proto frames carry it: its length as a varint, then it."""
-    return varint(len(message)) + message
+    return encode_varint(len(message)) + message
 
 
 def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:

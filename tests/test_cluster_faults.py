@@ -18,19 +18,15 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import re
 import secrets
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from realtime.client import Client, RealtimeError, StreamPosition, Subscription
-from tests.conftest import API_KEY, SECRET, make_token
+from tests.conftest import API_KEY, make_token
+from tests.gateway_process import GatewayProcess, start_gateway_process
 
 CHANNEL = "feed/stream"
 HISTORY = 20_000
@@ -40,61 +36,15 @@ WAIT = 45.0  # generous bound on any single wait
 # ----------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Node:
-    process: asyncio.subprocess.Process
-    ws_port: int
-    api_port: int
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/connection/websocket"
-
-    async def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-            await self.process.wait()
-
-
-async def start_node(redis_url: str, prefix: str, name: str) -> Node:
-    """`realtime serve` in its own process, configured through the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
-    env.update(
-        REALTIME_SERVER__HOST="127.0.0.1",
-        REALTIME_SERVER__PORT="0",
-        REALTIME_SERVER__NODE_NAME=name,
-        REALTIME_API__HOST="127.0.0.1",
-        REALTIME_API__PORT="0",
-        REALTIME_API__KEY=API_KEY,
-        REALTIME_AUTH__HMAC_SECRET=SECRET,
-        REALTIME_MQTT__ENABLED="false",
-        REALTIME_LOG__LEVEL="warning",
-        REALTIME_BROKER__TYPE="redis",
-        REALTIME_BROKER__REDIS_URLS=f'["{redis_url}"]',
-        REALTIME_BROKER__KEY_PREFIX=prefix,
+async def start_node(redis_url: str, prefix: str, name: str) -> GatewayProcess:
+    return await start_gateway_process(
+        redis_url,
+        prefix,
+        name,
         REALTIME_BROKER__RECONNECT_MAX_DELAY="0.5",
         REALTIME_NAMESPACES__FEED__HISTORY_SIZE=str(HISTORY),
         REALTIME_NAMESPACES__FEED__HISTORY_TTL="300",
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", "serve", env=env, stdout=subprocess.PIPE
-    )
-    try:
-        assert process.stdout is not None
-        banner = ""
-        while "server API" not in banner:
-            line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-            assert line, f"serve exited before printing its banner: {banner}"
-            banner += line
-        ws = re.search(r"websocket\s+ws://[\d.]+:(\d+)/", banner)
-        api = re.search(r"server API http://[\d.]+:(\d+)/", banner)
-        assert ws and api, banner
-    except BaseException:
-        if process.returncode is None:
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
-        raise
-    return Node(process, int(ws.group(1)), int(api.group(1)))
 
 
 # ----------------------------------------------------------------------------- publisher
@@ -311,7 +261,7 @@ async def wait_until_all_got(consumers: list[Consumer], last: int, timeout: floa
         await asyncio.sleep(0.05)
 
 
-async def stop_all(consumers: list[Consumer], nodes: list[Node]) -> None:
+async def stop_all(consumers: list[Consumer], nodes: list[GatewayProcess]) -> None:
     for consumer in consumers:
         with contextlib.suppress(Exception):
             await consumer.stop()
@@ -358,7 +308,7 @@ async def test_redis_killed_and_restarted_mid_stream(
     total = 10_000
     redis = make_redis_server()
     prefix = "cf" + secrets.token_hex(4)
-    nodes: list[Node] = []
+    nodes: list[GatewayProcess] = []
     consumers: list[Consumer] = []
     try:
         nodes.append(await start_node(redis.url, prefix, "a"))
@@ -451,7 +401,7 @@ async def test_a_node_killed_mid_stream(make_redis_server: Any) -> None:
     total = 10_000
     redis = make_redis_server()
     prefix = "cf" + secrets.token_hex(4)
-    nodes: list[Node] = []
+    nodes: list[GatewayProcess] = []
     consumers: list[Consumer] = []
     try:
         node_a = await start_node(redis.url, prefix, "a")

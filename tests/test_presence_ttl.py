@@ -4,17 +4,12 @@ serves, with a leave push. Two gateways share a real redis-server."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
 import secrets
-import signal
-import subprocess
-import sys
 from typing import Any
 
 from realtime.app import Gateway
-from tests.conftest import API_KEY, SECRET, GatewayFactory, RawClient, make_token
+from tests.conftest import GatewayFactory, RawClient, make_token
+from tests.gateway_process import start_gateway_process
 from tests.redis_server import RedisServer
 from tests.test_presence import next_event, presence
 
@@ -29,49 +24,23 @@ def shared_config(redis_url: str, prefix: str) -> dict[str, Any]:
     }
 
 
-async def start_gateway_process(redis_url: str, prefix: str) -> tuple[Any, str]:
-    """`realtime serve` in its own process, configured through the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
-    env.update(
-        REALTIME_SERVER__HOST="127.0.0.1",
-        REALTIME_SERVER__PORT="0",
-        REALTIME_API__PORT="0",
-        REALTIME_API__KEY=API_KEY,
-        REALTIME_AUTH__HMAC_SECRET=SECRET,
-        REALTIME_MQTT__ENABLED="false",
-        REALTIME_LOG__LEVEL="warning",
-        REALTIME_BROKER__TYPE="redis",
-        REALTIME_BROKER__REDIS_URLS=f'["{redis_url}"]',
-        REALTIME_BROKER__KEY_PREFIX=prefix,
-        REALTIME_PRESENCE__TTL=str(TTL),
-        REALTIME_NAMESPACES__ROOM__PRESENCE="true",
-        REALTIME_NAMESPACES__ROOM__JOIN_LEAVE="true",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", "serve", env=env, stdout=subprocess.PIPE
-    )
-    assert process.stdout is not None
-    banner = ""
-    while "websocket" not in banner:
-        line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
-        assert line, "serve exited before printing its banner"
-        banner += line
-    match = re.search(r"websocket\s+ws://[\d.]+:(\d+)/", banner)
-    assert match, banner
-    return process, match.group(1)
-
-
 async def test_a_dead_node_s_clients_leave_presence(
     make_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
     prefix = "ttl" + secrets.token_hex(4)
     survivor: Gateway = await make_gateway(**shared_config(redis_server.url, prefix))
-    process, port = await start_gateway_process(redis_server.url, prefix)
+    node = await start_gateway_process(
+        redis_server.url,
+        prefix,
+        REALTIME_PRESENCE__TTL=str(TTL),
+        REALTIME_NAMESPACES__ROOM__PRESENCE="true",
+        REALTIME_NAMESPACES__ROOM__JOIN_LEAVE="true",
+    )
     try:
         watcher = await RawClient.open(survivor, token=make_token("watcher"))
         await watcher.subscribe("room/ttl")
         # A client of the other node joins; the watcher hears of it across nodes.
-        doomed_gateway = _PortOnly(int(port))
+        doomed_gateway = _PortOnly(node.ws_port)
         doomed = await RawClient.open(doomed_gateway, token=make_token("doomed"))  # type: ignore[arg-type]
         await doomed.subscribe("room/ttl")
         joined = await next_event(watcher, "join")
@@ -81,17 +50,14 @@ async def test_a_dead_node_s_clients_leave_presence(
             "doomed",
         }
         # The node dies without a word: no leave is sent, no entry removed.
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+        await node.kill()
         # Its entry expires (ttl) and the survivor's housekeeping announces the leave.
         left = await next_event(watcher, "leave", timeout=TTL + 5)
         assert (left.user, left.client) == ("doomed", joined.client)
         assert [i.user for i in (await presence(watcher, "room/ttl")).values()] == ["watcher"]
         await watcher.close()
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
+        await node.kill()
 
 
 class _PortOnly:

@@ -1079,19 +1079,26 @@ class Client:
                 await asyncio.sleep(delay)
                 if sub.closed or self._subs.get(sub.channel) is not sub:
                     return
-            command = pb.Command(subscribe=sub._subscribe_request(recover))
-            handler = functools.partial(
-                self._apply_subscribe, sub, recover, sub._reports_recovery()
-            )
-            try:
-                await self._request(command, handler)
+            finished, error = await self._send_subscribe(sub, recover)
+            if finished:
                 return
-            except RealtimeError as exc:
-                error = exc
-            except TimeoutError:
-                error = None
-            except DisconnectedError:
-                return
+
+    async def _send_subscribe(
+        self, sub: Subscription, recover: bool
+    ) -> tuple[bool, RealtimeError | None]:
+        """One subscribe attempt: (True, None) when it went through or the connection is
+        gone (the reconnect takes over), else (False, the refusal or None on a timeout)."""
+        command = pb.Command(subscribe=sub._subscribe_request(recover))
+        handler = functools.partial(self._apply_subscribe, sub, recover, sub._reports_recovery())
+        try:
+            await self._request(command, handler)
+        except RealtimeError as exc:
+            return False, exc
+        except TimeoutError:
+            return False, None
+        except DisconnectedError:
+            pass
+        return True, None
 
     # ------------------------------------------------------------------ delta resync
 
@@ -1134,19 +1141,9 @@ class Client:
         if sub.closed or self._subs.get(sub.channel) is not sub:
             return
         recover = sub._wants_recovery()
-        command = pb.Command(subscribe=sub._subscribe_request(recover))
-        handler = functools.partial(self._apply_subscribe, sub, recover, sub._reports_recovery())
-        error: RealtimeError | None
-        try:
-            await self._request(command, handler)
-            return
-        except RealtimeError as exc:
-            error = exc
-        except TimeoutError:
-            error = None
-        except DisconnectedError:
-            return
-        await self._retry_subscribe(sub, recover, error)
+        finished, error = await self._send_subscribe(sub, recover)
+        if not finished:
+            await self._retry_subscribe(sub, recover, error)
 
 
 def _retrieve_future(future: asyncio.Future[pb.Reply]) -> None:
