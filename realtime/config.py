@@ -168,6 +168,12 @@ class BrokerConfig:
     # Seconds a channel stays subscribed in Redis after its last local subscriber left
     # (a client that comes straight back costs no UNSUBSCRIBE + SUBSCRIBE).
     unsubscribe_delay: float = 2.0
+    # Nodes list themselves (with their load) every node_announce_interval seconds; a node
+    # not heard from for node_ttl seconds is taken for dead (its MQTT sessions are taken
+    # over without asking it). control_timeout: seconds a node waits for another's answer.
+    node_announce_interval: float = 5.0
+    node_ttl: float = 15.0
+    control_timeout: float = 2.0
 
 
 @dataclass
@@ -488,6 +494,13 @@ def _validate_broker(broker: BrokerConfig, need: Callable[[bool, str, str], None
     need(broker.reconnect_max_delay > 0, "broker.reconnect_max_delay", "must be > 0")
     need(broker.pubsub_queue_size >= 1, "broker.pubsub_queue_size", "must be >= 1")
     need(broker.unsubscribe_delay >= 0, "broker.unsubscribe_delay", "must be >= 0")
+    need(broker.node_announce_interval >= 1, "broker.node_announce_interval", "must be >= 1")
+    need(
+        broker.node_ttl > broker.node_announce_interval,
+        "broker.node_ttl",
+        "must be longer than broker.node_announce_interval",
+    )
+    need(broker.control_timeout > 0, "broker.control_timeout", "must be > 0")
 
 
 def _redis_url_error(url: str) -> tuple[str | None, str]:

@@ -19,6 +19,7 @@ class GatewayProcess:
     process: asyncio.subprocess.Process
     ws_port: int
     api_port: int
+    mqtt_port: int = 0  # with REALTIME_MQTT__ENABLED="true"
 
     @property
     def url(self) -> str:
@@ -46,6 +47,8 @@ async def start_gateway_process(
         REALTIME_API__KEY=API_KEY,
         REALTIME_AUTH__HMAC_SECRET=SECRET,
         REALTIME_MQTT__ENABLED="false",
+        REALTIME_MQTT__HOST="127.0.0.1",
+        REALTIME_MQTT__PORT="0",
         REALTIME_LOG__LEVEL="warning",
         REALTIME_BROKER__TYPE="redis",
         REALTIME_BROKER__REDIS_URLS=f'["{redis_url}"]',
@@ -64,10 +67,12 @@ async def start_gateway_process(
             banner += line
         ws = re.search(r"websocket\s+ws://[\d.]+:(\d+)/", banner)
         api = re.search(r"server API http://[\d.]+:(\d+)/", banner)
+        mqtt = re.search(r"mqtt\s+mqtt://[\d.]+:(\d+)", banner)
         assert ws and api, banner
     except BaseException:
         if process.returncode is None:
             process.send_signal(signal.SIGKILL)
             await process.wait()
         raise
-    return GatewayProcess(process, int(ws.group(1)), int(api.group(1)))
+    mqtt_port = int(mqtt.group(1)) if mqtt else 0
+    return GatewayProcess(process, int(ws.group(1)), int(api.group(1)), mqtt_port)

@@ -14,6 +14,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from realtime.app import Gateway
 from realtime.core.broker import Publication
@@ -42,21 +44,42 @@ class Device:
     """A paho-mqtt client; paho runs its own network thread, the test awaits its queues."""
 
     def __init__(
-        self, gateway: Gateway, client_id: str, *, v5: bool = False, websocket: bool = False
+        self,
+        gateway: Gateway | int,
+        client_id: str,
+        *,
+        v5: bool = False,
+        websocket: bool = False,
+        clean: bool = True,
+        session_expiry: int = 0,
     ) -> None:
+        """`gateway`: an in-process gateway, or the MQTT port of one in another process.
+        `clean` False with `session_expiry` (5.0) asks for a persistent session."""
         protocol = paho.MQTTv5 if v5 else paho.MQTTv311
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,
             transport="websockets" if websocket else "tcp",
+            clean_session=None if v5 else clean,
         )
-        self.port = gateway.websocket.port if websocket else port(gateway)
+        self.clean = clean
+        self.session_expiry = session_expiry
+        if isinstance(gateway, int):
+            self.port = gateway
+        else:
+            self.port = gateway.websocket.port if websocket else port(gateway)
         self.v5 = v5
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.client.on_message = lambda c, u, m: self.messages.put(m)
-        self.client.on_connect = lambda c, u, f, rc, p: self.events.put(("connect", rc))
+        self.session_present: bool | None = None
+
+        def on_connect(c: Any, u: Any, flags: Any, rc: Any, p: Any) -> None:
+            self.session_present = bool(flags.session_present)
+            self.events.put(("connect", rc))
+
+        self.client.on_connect = on_connect
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.events.put(("suback", rcs))
         self.client.on_disconnect = lambda c, u, f, rc, p: self.events.put(("disconnect", rc))
         self.client.on_publish = lambda c, u, mid, rc, p: self.events.put(("puback", mid))
@@ -70,7 +93,20 @@ class Device:
             self.client.username_pw_set("device", token)
         # In a thread: over WebSocket, paho's connect() waits for the handshake answer from
         # the gateway, which runs on this event loop.
-        await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, keepalive)
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            if self.session_expiry:
+                props.SessionExpiryInterval = self.session_expiry
+            await asyncio.to_thread(
+                self.client.connect,
+                "127.0.0.1",
+                self.port,
+                keepalive,
+                clean_start=self.clean,
+                properties=props,
+            )
+        else:
+            await asyncio.to_thread(self.client.connect, "127.0.0.1", self.port, keepalive)
         self.client.loop_start()
         kind, code = await self.event()
         assert kind == "connect"

@@ -70,6 +70,7 @@ class ServerApi:
             "channels": self.channels,
             "disconnect": self.disconnect,
             "info": self.info,
+            "nodes": self.nodes,
         }
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -244,13 +245,18 @@ class ServerApi:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, "disconnect: reconnect is a boolean, reason a string"
             )
-        count = self.node.disconnect_user(user, reconnect=reconnect, reason=reason)
-        return {"disconnected": count}
+        # On every node: a user's connections may be anywhere in the cluster.
+        return await self.node.disconnect_user_everywhere(user, reconnect=reconnect, reason=reason)
+
+    async def nodes(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Every node of the cluster with its load (as it listed itself lately)."""
+        return {"nodes": await self.node.cluster.nodes()}
 
     async def info(self, body: dict[str, Any]) -> dict[str, Any]:
         node = self.node
         return {
             "node": node.name,
+            "node_id": node.cluster.node_id,
             "version": node.version,
             "broker": node.broker.name,
             "connections": len(node.sessions),

@@ -7,15 +7,18 @@ so after a restart every old position is from another epoch and recovery says so
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import deque
+from typing import Any
 
 from realtime.core.broker import (
     LEAVE,
     Broker,
     BrokerHandler,
     ChannelEvent,
+    ControlMessage,
     HistoryPolicy,
     HistoryResult,
     PresenceEntry,
@@ -53,7 +56,9 @@ class MemoryBroker(Broker):
     single_node = True
 
     def __init__(self) -> None:
+        self.node_id = secrets.token_hex(8)
         self._handler: BrokerHandler | None = None
+        self._node_info: dict[str, Any] | None = None
         self._streams: dict[str, _Stream] = {}
         # Channels with subscribers, in a dict rather than a set: less than half the memory
         # per entry (there is one per device topic).
@@ -305,3 +310,21 @@ class MemoryBroker(Broker):
 
     def stream_count(self) -> int:
         return len(self._streams)
+
+    # ------------------------------------------------------------------ nodes
+
+    async def send_control(self, message: ControlMessage) -> None:
+        # One node: every message is for it. Delivered on the next loop turn, as a
+        # message through Redis would be, so a request's sender is waiting by then.
+        handler = self._handler
+        if handler is not None and message.target in ("", self.node_id):
+            asyncio.get_running_loop().call_soon(handler.handle_control, message)
+
+    async def register_node(self, info: dict[str, Any], ttl: float) -> None:
+        self._node_info = dict(info, node_id=self.node_id)
+
+    async def unregister_node(self) -> None:
+        self._node_info = None
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return [self._node_info] if self._node_info is not None else []

@@ -21,6 +21,10 @@ Keys, with `p` the configured `key_prefix` and `<ch>` a channel name:
     p:u:<user>      hash   user status: <node id> -> "until:refreshed" (ms), seen (ms)
     p:r:<ch>        string retained message (envelope), PX from the MQTT message expiry
     p:ridx          zset   per instance: channels with a retained message (lex order)
+    p:c:$control    -      control messages between nodes (one instance: CONTROL_KEY's)
+    p:nodes         hash   node id -> its listing (msgpack), on CONTROL_KEY's instance
+    p:nodez         zset   node id -> listing expiry (ms, Redis time)
+    p:ms:, p:mq:    MQTT persistent sessions (redis_sessions.py)
 
 Redis 6.2 or newer (ZADD LT, XREVRANGE with COUNT); pub/sub is not scoped by database, so
 nodes of different clusters sharing an instance need different key prefixes.
@@ -34,6 +38,7 @@ import secrets
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import parse_url
@@ -44,6 +49,7 @@ from redis.commands.core import AsyncScript
 from realtime.brokers import redis_scripts as lua
 from realtime.brokers.redis_envelope import (
     PUBLICATION_HEAD,
+    control_message,
     decode,
     decode_publication,
     entry_bytes,
@@ -55,6 +61,7 @@ from realtime.brokers.redis_envelope import (
 )
 from realtime.brokers.redis_pubsub import Address, PubSubShard, filter_pattern
 from realtime.brokers.redis_ring import HashRing
+from realtime.brokers.redis_sessions import RedisSessionStore
 from realtime.config import BrokerConfig
 from realtime.core.broker import (
     LEAVE,
@@ -62,6 +69,7 @@ from realtime.core.broker import (
     BrokerHandler,
     BrokerUnavailable,
     ChannelEvent,
+    ControlMessage,
     HistoryPolicy,
     HistoryResult,
     PresenceEntry,
@@ -86,6 +94,8 @@ _UNAVAILABLE = (
     OSError,
 )
 KEYS_PER_CALL = 500  # users per user-status script call
+# The channel whose instance carries control messages and the node list.
+CONTROL_KEY = "$control"
 
 
 class _Shard:
@@ -106,6 +116,13 @@ class _Shard:
         self.users_online: AsyncScript = reg(lua.USERS_ONLINE)
         self.user_offline: AsyncScript = reg(lua.USER_OFFLINE)
         self.user_status: AsyncScript = reg(lua.USER_STATUS)
+        self.node_register: AsyncScript = reg(lua.NODE_REGISTER)
+        self.nodes: AsyncScript = reg(lua.NODES)
+        self.session_claim: AsyncScript = reg(lua.SESSION_CLAIM)
+        self.session_save: AsyncScript = reg(lua.SESSION_SAVE)
+        self.session_append: AsyncScript = reg(lua.SESSION_APPEND)
+        self.session_load: AsyncScript = reg(lua.SESSION_LOAD)
+        self.session_touch: AsyncScript = reg(lua.SESSION_TOUCH)
 
 
 def _ms(seconds: float) -> int:
@@ -142,6 +159,7 @@ class RedisBroker(Broker):
         self._filter_patterns: dict[str, bytes] = {}
         self._pattern_refs: dict[bytes, int] = {}
         self._addresses = [Address(url, dict(parse_url(url))) for url in config.redis_urls]
+        self.session_store = RedisSessionStore(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,6 +201,9 @@ class RedisBroker(Broker):
         await asyncio.gather(
             *(shard.pubsub.wait_up(config.connect_timeout) for shard in self._shards)
         )
+        # Control messages: subscribed while the node runs (again after every reconnect).
+        control = self._shard(CONTROL_KEY)
+        await control.pubsub.subscribe((self._channel_prefix + CONTROL_KEY).encode())
         metrics = getattr(handler, "metrics", None)
         if isinstance(metrics, Metrics):
             self._register_gauges(metrics)
@@ -230,6 +251,12 @@ class RedisBroker(Broker):
         assert ring is not None, "start the broker first"
         return ring.get(key)
 
+    shard_of = _shard  # for the session store
+
+    @property
+    def key_prefix(self) -> str:
+        return self._k
+
     async def _guard(self, shard: _Shard, call: Awaitable[T]) -> T:
         """Run a command on `shard`; an unreachable instance is `BrokerUnavailable`."""
         pubsub = shard.pubsub
@@ -244,6 +271,8 @@ class RedisBroker(Broker):
         except _UNAVAILABLE as exc:
             raise BrokerUnavailable(f"redis {shard.name}: {exc}", retry_after=1.0) from exc
 
+    guard = _guard
+
     def _dispatch(self, channel: str, message: bytes) -> None:
         handler = self._handler
         if handler is None:
@@ -251,11 +280,14 @@ class RedisBroker(Broker):
         item = decode(message)
         if isinstance(item, Publication):
             handler.handle_publication(channel, item)
-        else:
+        elif isinstance(item, ChannelEvent):
             handler.handle_event(channel, item)
+        elif channel == CONTROL_KEY:  # nothing else may send one (names with $ are ours)
+            handler.handle_control(item)
 
     def _stream_gap(self, channels: list[str]) -> None:
         handler = self._handler
+        channels = [c for c in channels if c != CONTROL_KEY]  # no positions: requests time out
         if handler is not None and channels:
             handler.handle_stream_gap(channels)
 
@@ -428,12 +460,14 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ user status
 
-    def _by_shard(self, users: list[str]) -> list[tuple[_Shard, list[str]]]:
+    def _by_shard(self, keys: list[str]) -> list[tuple[_Shard, list[str]]]:
         groups: dict[int, tuple[_Shard, list[str]]] = {}
-        for user in users:
-            shard = self._shard(user)
-            groups.setdefault(id(shard), (shard, []))[1].append(user)
+        for key in keys:
+            shard = self._shard(key)
+            groups.setdefault(id(shard), (shard, []))[1].append(key)
         return list(groups.values())
+
+    group_by_shard = _by_shard
 
     async def set_users_online(self, users: list[str], ttl: float, last_seen_ttl: float) -> None:
         k = self._k
@@ -534,3 +568,31 @@ class RedisBroker(Broker):
                     await self.publish_event(raw[i].decode(), ChannelEvent(LEAVE, entry))
             except BrokerUnavailable:
                 continue
+
+    # ------------------------------------------------------------------ nodes
+
+    async def send_control(self, message: ControlMessage) -> None:
+        shard = self._shard(CONTROL_KEY)
+        name = self._channel_prefix + CONTROL_KEY
+        await self._guard(shard, shard.client.publish(name, control_message(message)))
+
+    def _node_keys(self) -> list[str]:
+        return [f"{self._k}nodes", f"{self._k}nodez"]
+
+    async def register_node(self, info: dict[str, Any], ttl: float) -> None:
+        shard = self._shard(CONTROL_KEY)
+        packed = msgpack.packb(dict(info, node_id=self.node_id))
+        args: list[Any] = [self.node_id, packed, _ms(ttl)]
+        await self._guard(shard, shard.node_register(keys=self._node_keys(), args=args))
+
+    async def unregister_node(self) -> None:
+        shard = self._shard(CONTROL_KEY)
+        pipe = shard.client.pipeline(transaction=True)
+        pipe.hdel(self._node_keys()[0], self.node_id)
+        pipe.zrem(self._node_keys()[1], self.node_id)
+        await self._guard(shard, pipe.execute())
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        shard = self._shard(CONTROL_KEY)
+        raw = await self._guard(shard, shard.nodes(keys=self._node_keys()))
+        return [msgpack.unpackb(info) for info in raw]

@@ -8,7 +8,8 @@ around them (`PUBLICATION_HEAD` and `publication_tail`) and the script puts
 same bytes, decoded the same way by every node.
 
 An event (join, leave, typing) is ``[1, kind, active, entry]`` and a presence entry
-``[client, user, device, info, transport]``.
+``[client, user, device, info, transport]``. A control message between nodes is
+``[2, kind, sender, target, request, body]``.
 
 `meta` crosses nodes when it is an `MqttMeta`: ``[qos, retain]``, or with 5.0 properties
 ``[qos, retain, payload_format_indicator, message_expiry_interval, content_type,
@@ -24,11 +25,11 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
-from realtime.core.broker import ChannelEvent, PresenceEntry, Publication
+from realtime.core.broker import ChannelEvent, ControlMessage, PresenceEntry, Publication
 from realtime.core.mqtt_session import MqttMeta
 from realtime.mqtt.packets import Properties
 
-PUBLICATION, EVENT = 0, 1
+PUBLICATION, EVENT, CONTROL = 0, 1, 2
 # fixarray of 8 elements, then the kind: what precedes the offset in a publication.
 PUBLICATION_HEAD = b"\x98\x00"
 
@@ -125,14 +126,25 @@ def event_message(event: ChannelEvent) -> bytes:
     return packed
 
 
-def decode(message: bytes) -> Publication | ChannelEvent:
+def control_message(message: ControlMessage) -> bytes:
+    packed: bytes = _packb(
+        [CONTROL, message.kind, message.sender, message.target, message.request, message.body]
+    )
+    return packed
+
+
+def decode(message: bytes) -> Publication | ChannelEvent | ControlMessage:
     """A pub/sub message or stream entry back into what the handler takes."""
     raw = _unpackb(message)
-    if raw[0] == PUBLICATION:
+    kind = raw[0]
+    if kind == PUBLICATION:
         _, offset, _, data, user, client, tags, meta = raw
         return Publication(offset, data, user, client, tags, unpack_meta(meta))
-    _, kind, active, entry = raw
-    return ChannelEvent(kind, unpack_entry(entry), active)
+    if kind == EVENT:
+        _, kind, active, entry = raw
+        return ChannelEvent(kind, unpack_entry(entry), active)
+    _, kind, sender, target, request, body = raw
+    return ControlMessage(kind, sender, target, request, body)
 
 
 def decode_publication(message: bytes) -> Publication:

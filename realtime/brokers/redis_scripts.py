@@ -288,3 +288,136 @@ end
 return out
 """
 )
+
+# ---------------------------------------------------------------------- nodes
+
+# KEYS: node hash, node zset; ARGV: node id, info, ttl ms
+NODE_REGISTER = (
+    _NOW
+    + """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+)
+
+# KEYS: node hash, node zset -> the live nodes' info (the expired ones are removed)
+NODES = (
+    _NOW
+    + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(dead) do
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local info = redis.call('HGET', KEYS[1], id)
+  if info then
+    out[#out + 1] = info
+  end
+end
+return out
+"""
+)
+
+# ---------------------------------------------------------------------- MQTT sessions
+# A session: hash p:ms:<client id> with o (owner node), u (user), x (expiry s), s
+# (subscriptions), m (messages when written whole), n (next packet id); and list
+# p:mq:<client id>, the messages queued after that.
+
+# KEYS: session hash; ARGV: node id, user, grace ms
+# -> {0} (another user's) or {1, previous owner, subscriptions, stored (1/0)}
+SESSION_CLAIM = """
+local user = redis.call('HGET', KEYS[1], 'u')
+if user and user ~= ARGV[2] then
+  return {0}
+end
+local ttl = redis.call('PTTL', KEYS[1])
+local owner = redis.call('HGET', KEYS[1], 'o') or ''
+local subs = redis.call('HGET', KEYS[1], 's') or ''
+local stored = redis.call('HEXISTS', KEYS[1], 'x')
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'u', ARGV[2])
+local grace = tonumber(ARGV[3])
+if ttl == -2 or (ttl >= 0 and ttl < grace) then
+  redis.call('PEXPIRE', KEYS[1], grace)
+end
+return {1, owner, subs, stored}
+"""
+
+# KEYS: session hash, queue; ARGV: node id, node it is handed to (or ''), user, expiry,
+# subscriptions, messages, next packet id, ttl ms (0: none) -> 1 when written
+SESSION_SAVE = """
+local owner = redis.call('HGET', KEYS[1], 'o')
+if owner and owner ~= ARGV[1] and owner ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'o', owner or ARGV[1], 'u', ARGV[3], 'x', ARGV[4], 's', ARGV[5],
+           'm', ARGV[6], 'n', ARGV[7])
+redis.call('DEL', KEYS[2])
+local ttl = tonumber(ARGV[8])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('PERSIST', KEYS[1])
+end
+return 1
+"""
+
+# KEYS: session hash, queue; ARGV: node id, limit, messages... -> 1 when appended
+SESSION_APPEND = """
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
+  return 0
+end
+for i = 3, #ARGV do
+  redis.call('RPUSH', KEYS[2], ARGV[i])
+end
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+# KEYS: session hash, queue; ARGV: node id
+# -> {} (not ours, or never written) or {user, expiry, subscriptions, messages, next packet
+# id, queued...}; the messages are the caller's from now on
+SESSION_LOAD = """
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then
+  return {}
+end
+if redis.call('HEXISTS', KEYS[1], 'x') == 0 then
+  redis.call('DEL', KEYS[2])
+  return {}
+end
+local r = redis.call('HMGET', KEYS[1], 'u', 'x', 's', 'm', 'n')
+local out = {r[1] or '', r[2] or '0', r[3] or '', r[4] or '', r[5] or '1'}
+for _, item in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  out[#out + 1] = item
+end
+redis.call('HDEL', KEYS[1], 'm')
+redis.call('DEL', KEYS[2])
+return out
+"""
+
+# KEYS: session hash, queue; ARGV: node id, ttl ms (0: none; -1: delete)
+SESSION_TOUCH = """
+local owner = redis.call('HGET', KEYS[1], 'o')
+if owner and owner ~= ARGV[1] then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+if ttl < 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+elseif ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
+return 1
+"""

@@ -20,6 +20,11 @@ The contract every implementation keeps:
   overflowed), the broker calls `handle_stream_gap` with those channels, once it receives
   them again; their subscribers must recover from their last position. A broker that
   cannot lose a publication on the way (the memory broker) never calls it.
+- control messages (`send_control`) reach every node, or the one named, through the same
+  pub/sub as publications (so they are as lossy: requests carry timeouts); nodes list
+  themselves with their load (`register_node`, `nodes`).
+- a multi-node broker may offer a `SessionStore` (`session_store`): MQTT persistent
+  sessions that a device can resume through any node.
 """
 
 from __future__ import annotations
@@ -119,6 +124,20 @@ class HistoryResult:
     position: StreamPosition  # the stream's top when history was read
 
 
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    """A message between nodes: a request, its answer, or a notice."""
+
+    kind: str  # what to do ("disconnect_user", "mqtt_takeover", ...) or REPLY
+    sender: str  # node id
+    target: str = ""  # node id; "" for every node (the sender included)
+    request: int = 0  # request number, for the answer; 0 when none is wanted
+    body: dict[str, Any] | None = None
+
+
+REPLY = "reply"
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot take the operation now; the caller should retry later."""
 
@@ -137,6 +156,10 @@ class BrokerHandler(Protocol):
         (pub/sub reconnect, queue overflow); their subscribers must recover."""
         ...
 
+    def handle_control(self, message: ControlMessage) -> None:
+        """A control message for this node (or for every node)."""
+        ...
+
 
 class Broker(ABC):
     """What the hub needs from a broker. All methods may raise BrokerUnavailable."""
@@ -148,6 +171,10 @@ class Broker(ABC):
     # node knows itself, such as who is connected, is all there is, and need not be
     # written to the broker for other nodes.
     single_node = False
+    # This node's identity among the broker's nodes; new on every start of the process.
+    node_id: str = ""
+    # MQTT persistent sessions shared by the nodes (None: each node keeps its own).
+    session_store: SessionStore | None = None
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None: ...
@@ -262,3 +289,96 @@ class Broker(ABC):
 
     async def housekeeping(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second: expire what has to expire."""
+
+    # ------------------------------------------------------------------ nodes
+
+    @abstractmethod
+    async def send_control(self, message: ControlMessage) -> None:
+        """Hand `message` to its target node, or to every node (this one included)."""
+
+    @abstractmethod
+    async def register_node(self, info: dict[str, Any], ttl: float) -> None:
+        """List this node (`info`: JSON-able, with its load) for `ttl` seconds."""
+
+    @abstractmethod
+    async def unregister_node(self) -> None:
+        """This node stops: take it off the list at once."""
+
+    @abstractmethod
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The listed nodes' latest `info`, each with its `node_id`."""
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A QoS 1/2 message of an MQTT session, as kept between nodes."""
+
+    channel: str
+    data: bytes
+    qos: int
+    retain: bool
+    properties: Any  # realtime.mqtt.packets.Properties or None
+    expires_at: float = 0.0  # unix time; 0 = never
+    packet_id: int = 0  # in flight under this id (0: queued, never sent)
+    released: bool = False  # QoS 2: PUBREC received, PUBREL sent
+
+
+@dataclass(slots=True)
+class StoredSubscription:
+    topic_filter: str
+    options: int  # the 5.0 subscription options byte
+    identifier: int = 0
+
+
+@dataclass(slots=True)
+class StoredSession:
+    """An MQTT session as another node needs it to carry on."""
+
+    user: str
+    expiry: int  # seconds it outlives its connection (0xFFFFFFFF: never expires)
+    subscriptions: list[StoredSubscription]
+    messages: list[StoredMessage]  # in flight first (by packet id), then queued, in order
+    next_packet_id: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClaim:
+    """The answer to `SessionStore.claim`."""
+
+    owner: str  # node id that held the session before ("" when none did)
+    exists: bool  # a stored session was found
+    subscriptions: list[StoredSubscription]
+
+
+class SessionStore(ABC):
+    """MQTT persistent sessions kept outside any node, so a device can come back through
+    any node. One node owns a session at a time: the one its device is connected to, or
+    the one it was connected to last (which queues for it meanwhile)."""
+
+    @abstractmethod
+    async def claim(self, client_id: str, user: str) -> SessionClaim | None:
+        """Make this node the session's owner; None when it belongs to another user."""
+
+    @abstractmethod
+    async def load(self, client_id: str) -> StoredSession | None:
+        """The whole stored session (its queue handed over: the caller holds it now)."""
+
+    @abstractmethod
+    async def save(
+        self, client_id: str, session: StoredSession, ttl: float, *, handing_to: str = ""
+    ) -> None:
+        """Replace the stored session if this node (or `handing_to`) owns it; it
+        disappears `ttl` seconds after the last save or touch (0: never)."""
+
+    @abstractmethod
+    async def append(self, queued: dict[str, list[StoredMessage]], limit: int) -> None:
+        """Messages queued for absent devices, appended to their sessions (at most
+        `limit` per session)."""
+
+    @abstractmethod
+    async def touch(self, ttls: dict[str, float]) -> None:
+        """Keep these sessions for `ttl` more seconds (0: never expire)."""
+
+    @abstractmethod
+    async def delete(self, client_id: str) -> None:
+        """The session ended (if this node still owns it)."""

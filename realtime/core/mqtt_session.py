@@ -77,6 +77,7 @@ from realtime.mqtt.reason_codes import ConnectReturnCode, ReasonCode
 from realtime.mqtt.topics import split_shared
 
 if TYPE_CHECKING:
+    from realtime.core.mqtt_cluster import SessionSync
     from realtime.core.node import Node
 
 log = logging.getLogger("realtime.mqtt")
@@ -116,7 +117,7 @@ class SubscriptionValue:
 _PLAIN = tuple(SubscriptionValue(SubscriptionOptions(qos), None) for qos in range(3))
 
 
-def _subscription_value(options: SubscriptionOptions, identifier: int | None) -> SubscriptionValue:
+def subscription_value(options: SubscriptionOptions, identifier: int | None) -> SubscriptionValue:
     plain = _PLAIN[options.qos]
     if identifier is None and options == plain.options:
         return plain
@@ -312,6 +313,17 @@ class SessionState:
             return  # dropped: the device is away or not acknowledging (counted)
         pending.append(message)
         pending.size += size
+        sync = self.server.sync
+        if sync is not None and self.connection is None:
+            sync.queued(self, message)  # kept in the store too: the device may come back elsewhere
+
+    def requeue(self, message: Message) -> None:
+        """Put `message` first in the queue (handed over from another node)."""
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = _Pending()
+        pending.appendleft(message)
+        pending.size += len(message.data)
 
     def _transmit(self, connection: MqttConnection, message: Message, dup: bool = False) -> None:
         packet_id = self._packet_id()
@@ -365,6 +377,8 @@ class SessionState:
             else:
                 connection.write_message(message, packet_id, dup=True)
         self.drain()
+        if self.server.sync is not None:
+            self.server.sync.changed(self)  # connected here now; its stored queue is void
 
     def presence_entry(self) -> PresenceEntry:
         principal = self.principal
@@ -391,6 +405,8 @@ class SessionState:
                 self.server.publish_will(self, will)
         if not self.expiry:
             self.server.end(self)
+        elif self.server.sync is not None:
+            self.server.sync.changed(self)  # stored with its messages, for any node
 
     def _will_due(self) -> None:
         delayed, self.delayed_will = self.delayed_will, None
@@ -686,12 +702,21 @@ class MqttConnection(OutboundQueue):
                 negotiated.alias_maximum = props.topic_alias_maximum
         # Only now, authenticated, may this connection touch an existing session, and only
         # one of its own user: a token for someone else must not kick or wipe theirs.
-        existing = self.server.sessions.get(client_id)
-        if existing is not None and existing.principal.user != principal.user:
+        capped = self._capped_expiry(expiry)
+        try:
+            taken = await self.server.take(client_id, principal, packet.clean_start, capped > 0)
+        except BrokerUnavailable as exc:
+            event(log, "mqtt_session_store_unavailable", logging.WARNING, error=str(exc))
+            self._refuse(ConnectReturnCode.SERVER_UNAVAILABLE, "sessions unavailable; try later")
+            return
+        if taken is None:
             self._refuse(ConnectReturnCode.IDENTIFIER_REJECTED, "client id in use by another user")
             return
-        state, present = await self.server.take(client_id, principal, packet.clean_start, self)
-        state.expiry = self._capped_expiry(expiry)
+        state, present = taken
+        state.expiry = capped
+        if self.closed:  # the socket went while the session was fetched
+            state.detach(None)
+            return
         self.state = state
         self.server.connecting.pop(self, None)
         ack_props = None
@@ -864,7 +889,7 @@ class MqttConnection(OutboundQueue):
                 continue
             if shared is not None and options.no_local:
                 raise MqttError(ReasonCode.PROTOCOL_ERROR, "no local on a shared subscription")
-            value = _subscription_value(options, identifier)
+            value = subscription_value(options, identifier)
             if not existed:
                 state.subscriptions += (topic_filter,)
             codes.append(options.qos)
@@ -879,6 +904,8 @@ class MqttConnection(OutboundQueue):
             if options.retain_handling == 0 or (options.retain_handling == 1 and not existed):
                 retained_for.append((topic_filter, value))
         self.send_packet(SubAck(packet.packet_id, codes))
+        if self.server.sync is not None:
+            self.server.sync.changed(state)
         for topic_filter, value in retained_for:
             ids = [value.identifier] if value.identifier else []
             for channel, pub in await node.broker.retained(topic_filter):
@@ -900,6 +927,8 @@ class MqttConnection(OutboundQueue):
             await self.server.drop_subscription(state, topic_filter)
             codes.append(ReasonCode.SUCCESS)
         self.send_packet(UnsubAck(packet.packet_id, codes if self.version == MQTT_5 else []))
+        if self.server.sync is not None:
+            self.server.sync.changed(state)
 
     # ------------------------------------------------------------------ output
 
@@ -1029,6 +1058,9 @@ class MqttServer:
         # One publication's QoS 0 packets, per version, while the hub fans it out.
         self._cached: Publication | None = None
         self._cached_packets: dict[int, bytes] = {}
+        # Sessions in the broker's store, for a multi-node broker (set by the listener).
+        self.sync: SessionSync | None = None
+        node.mqtt = self
         node.tickers.append(self.tick)
         node.metrics.gauge(
             "mqtt_connections", "Open MQTT connections.", lambda: self.open_connections
@@ -1058,29 +1090,82 @@ class MqttServer:
         self.connecting.pop(connection, None)
 
     async def take(
-        self, client_id: str, principal: Principal, clean_start: bool, connection: MqttConnection
-    ) -> tuple[SessionState, bool]:
-        """The session for an authenticated CONNECT: (state, session present)."""
+        self, client_id: str, principal: Principal, clean_start: bool, persistent: bool
+    ) -> tuple[SessionState, bool] | None:
+        """The session for an authenticated CONNECT: (state, session present), or None
+        when the client id is another user's. Raises BrokerUnavailable when the session
+        store cannot be reached for a session that must be kept."""
         state = self.sessions.get(client_id)
-        if state is not None and state.connection is not None:
-            event(log, "mqtt_session_taken_over", logging.INFO, client_id=client_id)
-            old = state.connection
-            state.connection = None  # the old connection must not detach it
-            will = old.will
-            old.will = None
-            old.disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection took over")
-            # 5.0: a will with a delay is not sent when the session goes on right away.
-            if will is not None and not (will.properties and will.properties.will_delay_interval):
-                self.publish_will(state, will)
-        if state is not None and clean_start:
-            await self._discard(state)
-            state = None
-        if state is None:
-            state = SessionState(self, client_id, principal)
-            self.sessions[client_id] = state
+        if state is not None and state.principal.user != principal.user:
+            return None
+        sync = self.sync
+        claim = None
+        if sync is not None:
+            try:
+                claim = await sync.claim(client_id, principal)
+            except BrokerUnavailable:
+                if persistent or not clean_start:
+                    raise
+                # A throwaway session needs nothing stored: the device may connect.
+            else:
+                if claim is None:
+                    return None
+            state = self.sessions.get(client_id)  # while we waited
+        if state is not None:
+            self.close_for_takeover(state)
+            if clean_start:
+                await self._discard(state)
+                state = None
+        if state is not None:
+            state.principal = principal
+            return state, True
+        state = SessionState(self, client_id, principal)
+        self.sessions[client_id] = state
+        if sync is None or claim is None or not claim.owner:
             return state, False
-        state.principal = principal
-        return state, True
+        # Another node has (or had) it.
+        if clean_start:
+            await sync.take_from(claim.owner, client_id)
+            return state, False
+        await sync.subscribe(state, claim.subscriptions)
+        await sync.take_from(claim.owner, client_id)
+        present = await sync.load(state)
+        return state, present or claim.exists
+
+    def close_for_takeover(self, state: SessionState) -> None:
+        """A new connection takes the session: the old one ends (its will per the rules)."""
+        old = state.connection
+        if old is None:
+            return
+        event(log, "mqtt_session_taken_over", logging.INFO, client_id=state.client_id)
+        state.connection = None  # the old connection must not detach it
+        will = old.will
+        old.will = None
+        old.disconnect(ReasonCode.SESSION_TAKEN_OVER, "another connection took over")
+        # 5.0: a will with a delay is not sent when the session goes on right away.
+        if will is not None and not (will.properties and will.properties.will_delay_interval):
+            self.publish_will(state, will)
+
+    async def forget(self, state: SessionState) -> None:
+        """Drop the session here without ending it: another node carries on with it."""
+        if self.sessions.get(state.client_id) is state:
+            del self.sessions[state.client_id]
+        for topic_filter in state.subscriptions:
+            await self.drop_subscription(state, topic_filter)
+        state.subscriptions = ()
+        state.pending = None
+        state.inflight = _NO_MESSAGES
+
+    def disconnect_user(self, user: str, reason: str) -> int:
+        """Close every connection of `user`'s devices; how many."""
+        connections = [
+            state.connection
+            for state in self.sessions.values()
+            if state.connection is not None and state.principal.user == user
+        ]
+        for connection in connections:
+            connection.disconnect(ReasonCode.ADMINISTRATIVE_ACTION, reason)
+        return len(connections)
 
     def qos0_packet(self, channel: str, pub: Publication, version: int) -> bytes:
         if self._cached is not pub:
@@ -1125,6 +1210,8 @@ class MqttServer:
     async def _discard(self, state: SessionState) -> None:
         if self.sessions.get(state.client_id) is state:
             del self.sessions[state.client_id]
+            if self.sync is not None:
+                self.sync.ended(state.client_id)
         if state.delayed_will is not None:  # the session ends before the will delay: publish now
             will, timer = state.delayed_will
             timer.cancel()
@@ -1185,6 +1272,8 @@ class MqttServer:
             connection.disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT, "keep-alive expired")
         for state in expired:
             self.end(state)
+        if self.sync is not None:
+            self.sync.tick(now)
 
     def shutdown(self) -> None:
         """Drain: 5.0 devices are told why; their connections end (wills per the spec)."""

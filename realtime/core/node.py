@@ -20,6 +20,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from realtime import __version__
 from realtime.auth import Principal, TokenVerifier
@@ -37,6 +38,7 @@ from realtime.core.broker import (
     StreamPosition,
     UserStatus,
 )
+from realtime.core.cluster import Cluster
 from realtime.core.hub import Hub, WireFormat
 from realtime.core.presence import PresenceTracker
 from realtime.core.ratelimit import TokenBucket
@@ -45,10 +47,14 @@ from realtime.core.session import CLOSING, CONNECTED, Session
 from realtime.core.topics import channel_error
 from realtime.core.typing_state import TypingThrottle
 from realtime.core.writer import FlushScheduler, Outbound
+from realtime.log import event
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codes import Action, CloseCode, ErrorCode, ProtocolError, UnsubscribeCode
 from realtime.protocol.delta import DELTA_TYPES
+
+if TYPE_CHECKING:
+    from realtime.core.mqtt_session import MqttServer
 
 log = logging.getLogger("realtime.node")
 
@@ -110,12 +116,24 @@ class Node:
         # Broker handler: publications go to the hub without an extra call.
         self.handle_publication = self.hub.handle_publication
         self.hub.outbound_of = self._outbound_of
+        self.mqtt: MqttServer | None = None  # set by the MQTT server, when enabled
+        self.cluster = Cluster(
+            broker,
+            self.name,
+            self._load,
+            announce_interval=config.broker.node_announce_interval,
+            node_ttl=config.broker.node_ttl,
+            request_timeout=config.broker.control_timeout,
+        )
+        self.handle_control = self.cluster.handle
+        self.cluster.on("disconnect_user", self._disconnect_user_request)
         self._register_gauges()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await self.broker.start(self)
+        await self.cluster.announce(self.loop.time())
         self._housekeeper = self.loop.create_task(self._housekeeping())
         self.ready = True
 
@@ -125,6 +143,7 @@ class Node:
             self._housekeeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeper
+        await self.cluster.leave()
         await self.broker.close()
 
     def _register_gauges(self) -> None:
@@ -625,11 +644,46 @@ class Node:
     # ------------------------------------------------------------------ control
 
     def disconnect_user(self, user: str, *, reconnect: bool, reason: str) -> int:
+        """Close `user`'s connections on this node (WebSocket and MQTT); how many."""
         sessions = list(self.users.get(user, ()))
         code = CloseCode.FORCE_RECONNECT if reconnect else CloseCode.FORBIDDEN
         for session in sessions:
             session.close(code, reason)
-        return len(sessions)
+        devices = self.mqtt.disconnect_user(user, reason) if self.mqtt is not None else 0
+        return len(sessions) + devices
+
+    async def disconnect_user_everywhere(
+        self, user: str, *, reconnect: bool, reason: str
+    ) -> dict[str, Any]:
+        """`disconnect_user` on every node: how many connections, which nodes did not
+        answer in time (they may still have done it)."""
+        body = {"user": user, "reconnect": reconnect, "reason": reason}
+        answers, missing = await self.cluster.broadcast("disconnect_user", body)
+        count = sum(int(answer.get("disconnected", 0)) for answer in answers.values())
+        return {"disconnected": count, "nodes": len(answers), "unanswered": missing}
+
+    async def _disconnect_user_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        user, reason = str(body.get("user", "")), str(body.get("reason", ""))
+        count = self.disconnect_user(user, reconnect=bool(body.get("reconnect")), reason=reason)
+        if count:
+            event(log, "user_disconnected", user=user, connections=count, reason=reason)
+        return {"disconnected": count}
+
+    def _load(self) -> dict[str, Any]:
+        """This node's load, for the cluster's node list."""
+        mqtt = self.mqtt
+        return {
+            "version": self.version,
+            "broker": self.broker.name,
+            "connections": len(self.sessions),
+            "users": len(self.users),
+            "channels": len(self.hub.channels),
+            "subscriptions": sum(ch.size for ch in self.hub.channels.values()),
+            "mqtt_connections": mqtt.open_connections if mqtt is not None else 0,
+            "mqtt_sessions": len(mqtt.sessions) if mqtt is not None else 0,
+            "deliveries": self.hub.deliveries,
+            "draining": self.draining,
+        }
 
     def begin_drain(self) -> None:
         """Tell every client to reconnect (elsewhere) after a jittered delay."""
@@ -651,6 +705,7 @@ class Node:
             try:
                 self.tick(self.loop.time())
                 await self.broker.housekeeping(self.loop.time())
+                await self.cluster.announce(self.loop.time())
             except Exception:
                 log.exception("housekeeping_failed")
 

@@ -261,6 +261,23 @@ class FilterTrie(Generic[K, V]):
         self.size -= 1
         return True
 
+    def get(self, topic_filter: str, member: K) -> V | None:
+        """The value `member` has under `topic_filter`, or None."""
+        if "+" not in topic_filter and "#" not in topic_filter:
+            entry = self._exact.get(topic_filter)
+            if isinstance(entry, dict):
+                return entry.get(member)
+            return entry.value if entry is not None and entry.member == member else None
+        node = self._root
+        for level in topic_filter.split("/"):
+            if level == "#":
+                return node.multi.get(member)
+            child = node.single if level == "+" else node.children.get(level)
+            if child is None:
+                return None
+            node = child
+        return node.members.get(member)
+
     def match(self, channel: str) -> list[dict[K, V]]:
         """The member dicts of every filter that matches `channel` (do not modify)."""
         found = self._memo.get(channel)

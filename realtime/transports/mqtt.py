@@ -11,6 +11,7 @@ import asyncio
 import ssl
 from typing import cast
 
+from realtime.core.mqtt_cluster import SessionSync
 from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
 
@@ -61,6 +62,9 @@ class MqttListener:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.server = MqttServer(node)
+        store = node.broker.session_store
+        if store is not None:  # sessions that devices can resume through any node
+            self.server.sync = SessionSync(self.server, store)
         self._server: asyncio.Server | None = None
         self._tls_server: asyncio.Server | None = None
 
