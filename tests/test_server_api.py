@@ -137,6 +137,25 @@ async def test_history_channels_info(gateway: Gateway, clients: list[RawClient])
     assert info["connections"] == 2 and info["users"] == 2 and info["broker"] == "memory"
 
 
+async def test_disconnect_and_nodes_on_one_node(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    bob = await RawClient.open(gateway, token=make_token("bob"))
+    alice = await RawClient.open(gateway)
+    clients += [bob, alice]
+    status, body = await api_post(gateway, "nodes", {})
+    assert status == 200
+    (node,) = body["nodes"]
+    assert node["node_id"] == gateway.node.cluster.node_id and node["broker"] == "memory"
+    assert node["rss_bytes"] > 0 and node["started_at"] > 0
+    status, body = await api_post(gateway, "disconnect", {"user": "bob", "reason": "bye"})
+    assert status == 200
+    assert body == {"disconnected": 1, "nodes": 1, "unanswered": []}
+    code, reason = await bob.wait_closed()
+    assert code == 3005 and reason == "bye"  # force reconnect: reconnect defaults to true
+    assert (await alice.subscribe("rooms/still-here")) is not None  # others are untouched
+
+
 async def test_method_not_allowed(gateway: Gateway) -> None:
     status, body = await http_get(gateway, "/api/v1/publish")
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
