@@ -31,7 +31,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from realtime.core.devices import DetachedStore, DeviceRegistry
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,9 @@ class Broker(ABC):
     node_id: str = ""
     # MQTT persistent sessions shared by the nodes (None: each node keeps its own).
     session_store: SessionStore | None = None
+    # Mobile devices (core/devices.py): push tokens, and sessions of apps that are away.
+    device_registry: DeviceRegistry
+    detached_sessions: DetachedStore
 
     @abstractmethod
     async def start(self, handler: BrokerHandler) -> None: ...

@@ -23,7 +23,7 @@ ACTION_RECONNECT: Action
 ACTION_RESUBSCRIBE: Action
 
 class Command(_message.Message):
-    __slots__ = ("id", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status")
+    __slots__ = ("id", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status", "app_state", "register_device", "unregister_device")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,9 @@ class Command(_message.Message):
     PRESENCE_STATS_FIELD_NUMBER: _ClassVar[int]
     TYPING_FIELD_NUMBER: _ClassVar[int]
     USER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    UNREGISTER_DEVICE_FIELD_NUMBER: _ClassVar[int]
     id: int
     connect: ConnectRequest
     subscribe: SubscribeRequest
@@ -48,7 +51,10 @@ class Command(_message.Message):
     presence_stats: PresenceStatsRequest
     typing: TypingRequest
     user_status: UserStatusRequest
-    def __init__(self, id: _Optional[int] = ..., connect: _Optional[_Union[ConnectRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., history: _Optional[_Union[HistoryRequest, _Mapping]] = ..., refresh: _Optional[_Union[RefreshRequest, _Mapping]] = ..., ping: _Optional[_Union[PingRequest, _Mapping]] = ..., presence: _Optional[_Union[PresenceRequest, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsRequest, _Mapping]] = ..., typing: _Optional[_Union[TypingRequest, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusRequest, _Mapping]] = ...) -> None: ...
+    app_state: AppStateRequest
+    register_device: RegisterDeviceRequest
+    unregister_device: UnregisterDeviceRequest
+    def __init__(self, id: _Optional[int] = ..., connect: _Optional[_Union[ConnectRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeRequest, _Mapping]] = ..., publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., history: _Optional[_Union[HistoryRequest, _Mapping]] = ..., refresh: _Optional[_Union[RefreshRequest, _Mapping]] = ..., ping: _Optional[_Union[PingRequest, _Mapping]] = ..., presence: _Optional[_Union[PresenceRequest, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsRequest, _Mapping]] = ..., typing: _Optional[_Union[TypingRequest, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusRequest, _Mapping]] = ..., app_state: _Optional[_Union[AppStateRequest, _Mapping]] = ..., register_device: _Optional[_Union[RegisterDeviceRequest, _Mapping]] = ..., unregister_device: _Optional[_Union[UnregisterDeviceRequest, _Mapping]] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
     __slots__ = ("token", "name", "version", "platform")
@@ -147,8 +153,38 @@ class UserStatusRequest(_message.Message):
     users: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, users: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class AppStateRequest(_message.Message):
+    __slots__ = ("state",)
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FOREGROUND: _ClassVar[AppStateRequest.State]
+        BACKGROUND: _ClassVar[AppStateRequest.State]
+    FOREGROUND: AppStateRequest.State
+    BACKGROUND: AppStateRequest.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: AppStateRequest.State
+    def __init__(self, state: _Optional[_Union[AppStateRequest.State, str]] = ...) -> None: ...
+
+class RegisterDeviceRequest(_message.Message):
+    __slots__ = ("provider", "token", "environment", "app_id", "platform")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    token: str
+    environment: str
+    app_id: str
+    platform: str
+    def __init__(self, provider: _Optional[str] = ..., token: _Optional[str] = ..., environment: _Optional[str] = ..., app_id: _Optional[str] = ..., platform: _Optional[str] = ...) -> None: ...
+
+class UnregisterDeviceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class Reply(_message.Message):
-    __slots__ = ("id", "error", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status", "push")
+    __slots__ = ("id", "error", "connect", "subscribe", "unsubscribe", "publish", "history", "refresh", "ping", "presence", "presence_stats", "typing", "user_status", "app_state", "register_device", "unregister_device", "push")
     ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONNECT_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +198,9 @@ class Reply(_message.Message):
     PRESENCE_STATS_FIELD_NUMBER: _ClassVar[int]
     TYPING_FIELD_NUMBER: _ClassVar[int]
     USER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    APP_STATE_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    UNREGISTER_DEVICE_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     id: int
     error: Error
@@ -176,8 +215,11 @@ class Reply(_message.Message):
     presence_stats: PresenceStatsResult
     typing: TypingResult
     user_status: UserStatusResult
+    app_state: AppStateResult
+    register_device: RegisterDeviceResult
+    unregister_device: UnregisterDeviceResult
     push: Push
-    def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., connect: _Optional[_Union[ConnectResult, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeResult, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeResult, _Mapping]] = ..., publish: _Optional[_Union[PublishResult, _Mapping]] = ..., history: _Optional[_Union[HistoryResult, _Mapping]] = ..., refresh: _Optional[_Union[RefreshResult, _Mapping]] = ..., ping: _Optional[_Union[PingResult, _Mapping]] = ..., presence: _Optional[_Union[PresenceResult, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsResult, _Mapping]] = ..., typing: _Optional[_Union[TypingResult, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusResult, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., connect: _Optional[_Union[ConnectResult, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeResult, _Mapping]] = ..., unsubscribe: _Optional[_Union[UnsubscribeResult, _Mapping]] = ..., publish: _Optional[_Union[PublishResult, _Mapping]] = ..., history: _Optional[_Union[HistoryResult, _Mapping]] = ..., refresh: _Optional[_Union[RefreshResult, _Mapping]] = ..., ping: _Optional[_Union[PingResult, _Mapping]] = ..., presence: _Optional[_Union[PresenceResult, _Mapping]] = ..., presence_stats: _Optional[_Union[PresenceStatsResult, _Mapping]] = ..., typing: _Optional[_Union[TypingResult, _Mapping]] = ..., user_status: _Optional[_Union[UserStatusResult, _Mapping]] = ..., app_state: _Optional[_Union[AppStateResult, _Mapping]] = ..., register_device: _Optional[_Union[RegisterDeviceResult, _Mapping]] = ..., unregister_device: _Optional[_Union[UnregisterDeviceResult, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
 
 class ConnectResult(_message.Message):
     __slots__ = ("client", "version", "node", "ping_interval", "pong_timeout", "expires_in")
@@ -269,6 +311,29 @@ class UserStatusResult(_message.Message):
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedCompositeFieldContainer[UserStatus]
     def __init__(self, statuses: _Optional[_Iterable[_Union[UserStatus, _Mapping]]] = ...) -> None: ...
+
+class AppStateResult(_message.Message):
+    __slots__ = ("positions", "detach_ttl")
+    class PositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StreamPosition
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StreamPosition, _Mapping]] = ...) -> None: ...
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    DETACH_TTL_FIELD_NUMBER: _ClassVar[int]
+    positions: _containers.MessageMap[str, StreamPosition]
+    detach_ttl: int
+    def __init__(self, positions: _Optional[_Mapping[str, StreamPosition]] = ..., detach_ttl: _Optional[int] = ...) -> None: ...
+
+class RegisterDeviceResult(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnregisterDeviceResult(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class UserStatus(_message.Message):
     __slots__ = ("user", "online", "last_seen")
