@@ -503,7 +503,7 @@ async def test_disconnect_user_through_api(gateway: Gateway, clients: list[RawCl
     other = await RawClient.open(gateway, token=make_token("dave"))
     clients.append(other)
     status, body = await api_post(gateway, "disconnect", {"user": "carol", "reconnect": False})
-    assert status == 200 and body == {"disconnected": 2}
+    assert status == 200 and body == {"disconnected": 2, "nodes": 1, "unanswered": []}
     for client in mine:
         assert (await client.wait_closed())[0] == CloseCode.FORBIDDEN
     assert (await other.request(ping=pb.PingRequest())).HasField("ping")
