@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import secrets
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -73,3 +75,36 @@ def test_fanout_presence_variant(tmp_path: Path) -> None:
         r = run.run_presence(variant, 20, 100, tmp_path, secret)
         assert r["delivered"] == r["expected"] == 20 * 100
         assert r["presence"] == variant
+
+
+def test_cluster_quick_run() -> None:
+    """`bench/cluster/run.py --quick`: one node on the memory broker, one on Redis, two on
+    one Redis (real redis-server and `realtime serve` processes), a few seconds each."""
+    script = BENCH / "cluster/run.py"
+    run = subprocess.Popen(
+        [sys.executable, str(script), "--quick"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=BENCH.parent,
+    )
+    try:
+        out, err = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # run.py stops the servers it started (by PID) on its way out.
+        run.send_signal(signal.SIGTERM)
+        try:
+            out, err = run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            out, err = run.communicate()
+        message = f"bench/cluster/run.py --quick took over 120 s\n{out}\n{err}"
+        raise AssertionError(message) from None
+    assert run.returncode == 0, f"exit {run.returncode}\n{out}\n{err[-3000:]}"
+    assert "Delivered messages per CPU-second" in out
+    assert "ratio per CPU-second: B/A(redis) " in out
+    assert "B/A(redis) -" not in out  # a ratio was computed
+    assert "Redis per publication" in out
+    for label in ("A  1 node, memory", "A  1 node, Redis", "B  2 nodes, Redis"):
+        assert f"  OK      {label}, N=20" in out, out
+    assert "FAILED" not in out
