@@ -177,6 +177,14 @@ class BrokerConfig:
 
 
 @dataclass
+class PushConfig:
+    # Device push tokens neither used (a connect with the token's device claim) nor
+    # registered again for this many days are removed, once a day (0: kept until the
+    # provider says they are invalid or the app unregisters).
+    token_max_idle_days: int = 60
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     # "json": one JSON object per line; "text": key=value lines for humans.
@@ -222,6 +230,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Channel "chat/room1" uses namespace "chat" when one is configured, else "default".
     namespaces: dict[str, NamespaceConfig] = field(
@@ -414,6 +423,8 @@ def validate(config: Config) -> None:
     need(mqtt.max_connections >= 1, "mqtt.max_connections", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
     need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
+    days = config.push.token_max_idle_days
+    need(days >= 0, "push.token_max_idle_days", "must be >= 0 (0: never)")
     presence = config.presence
     need(presence.ttl >= 3, "presence.ttl", "must be >= 3 seconds")
     need(

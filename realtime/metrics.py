@@ -32,6 +32,11 @@ class Metrics:
         # Fan-out deliveries are counted by the hub per publication and added on scrape.
         self.deliveries: Callable[[], int] = lambda: 0
         self.delta_deliveries: Callable[[], int] = lambda: 0
+        # Device registry (push tokens): registrations, tokens taken from another user or
+        # device (re-login), tokens pruned for being unused for push.token_max_idle_days.
+        self.push_devices_registered = 0
+        self.push_tokens_moved = 0
+        self.push_tokens_pruned = 0
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
@@ -122,5 +127,23 @@ class Metrics:
                 (f'{{endpoint="{_escape(e)}",status="{s}"}}', float(v))
                 for (e, s), v in self.api_requests.items()
             ],
+        )
+        metric(
+            "push_devices_registered_total",
+            "counter",
+            "Push tokens registered (register_device over the socket or the server API).",
+            [("", self.push_devices_registered)],
+        )
+        metric(
+            "push_tokens_moved_total",
+            "counter",
+            "Registrations that took a push token from another user or device (re-login).",
+            [("", self.push_tokens_moved)],
+        )
+        metric(
+            "push_tokens_pruned_total",
+            "counter",
+            "Push tokens removed for being unused for push.token_max_idle_days.",
+            [("", self.push_tokens_pruned)],
         )
         return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from realtime.core.broker import BrokerUnavailable, StreamPosition
+from realtime.core.devices import DeviceRecord
 from realtime.core.node import Node
 from realtime.core.replies import pb_client_info, pb_publications
 from realtime.core.topics import filter_error, filter_matches
@@ -53,6 +54,42 @@ def _position(position: StreamPosition) -> dict[str, Any]:
     return {"offset": position.offset, "epoch": position.epoch}
 
 
+def _strings(
+    body: dict[str, Any],
+    endpoint: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """The body's string fields: the required ones present, nothing unknown."""
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        known = ", ".join(required + optional)
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{endpoint}: unknown field {unknown[0]!r} (known: {known})"
+        )
+    for name in required:
+        if name not in body:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{endpoint}: {name} is required")
+    for name, value in body.items():
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{endpoint}: {name} must be a string")
+    return dict(body)
+
+
+def _device(record: DeviceRecord) -> dict[str, Any]:
+    return {
+        "user": record.user,
+        "device": record.device,
+        "provider": record.provider,
+        "token": record.token,
+        "environment": record.environment,
+        "app_id": record.app_id,
+        "platform": record.platform,
+        "registered_at": record.registered_at,
+        "last_used": record.last_used,
+    }
+
+
 Route = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -71,6 +108,9 @@ class ServerApi:
             "disconnect": self.disconnect,
             "info": self.info,
             "nodes": self.nodes,
+            "register_device": self.register_device,
+            "unregister_device": self.unregister_device,
+            "devices": self.devices,
         }
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
@@ -251,6 +291,36 @@ class ServerApi:
     async def nodes(self, body: dict[str, Any]) -> dict[str, Any]:
         """Every node of the cluster with its load (as it listed itself lately)."""
         return {"nodes": await self.node.cluster.nodes()}
+
+    async def register_device(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A device's push token, registered by the backend (as the app would)."""
+        fields = _strings(
+            body,
+            "register_device",
+            required=("user", "device", "provider", "token"),
+            optional=("environment", "app_id", "platform"),
+        )
+        record, moved = await self.node.add_device(
+            fields["user"],
+            fields["device"],
+            fields["provider"],
+            fields["token"],
+            environment=fields.get("environment", ""),
+            app_id=fields.get("app_id", ""),
+            platform=fields.get("platform", ""),
+        )
+        return {"device": _device(record), "moved": moved}
+
+    async def unregister_device(self, body: dict[str, Any]) -> dict[str, Any]:
+        fields = _strings(body, "unregister_device", required=("user", "device"))
+        return {"removed": await self.node.remove_device(fields["user"], fields["device"])}
+
+    async def devices(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A user's devices with their push tokens (in full: this API is the backend's)."""
+        fields = _strings(body, "devices", required=("user",))
+        records = await self.node.list_devices(fields["user"])
+        records.sort(key=lambda r: (r.device, r.registered_at))
+        return {"devices": [_device(record) for record in records]}
 
     async def info(self, body: dict[str, Any]) -> dict[str, Any]:
         node = self.node

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import Any
 
+from realtime.brokers.memory_devices import MemoryDeviceRegistry
 from realtime.core.broker import (
     LEAVE,
     Broker,
@@ -57,6 +58,7 @@ class MemoryBroker(Broker):
 
     def __init__(self) -> None:
         self.node_id = secrets.token_hex(8)
+        self.device_registry = MemoryDeviceRegistry()
         self._handler: BrokerHandler | None = None
         self._node_info: dict[str, Any] | None = None
         self._streams: dict[str, _Stream] = {}

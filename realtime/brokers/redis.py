@@ -25,6 +25,7 @@ Keys, with `p` the configured `key_prefix` and `<ch>` a channel name:
     p:nodes         hash   node id -> its listing (msgpack), on CONTROL_KEY's instance
     p:nodez         zset   node id -> listing expiry (ms, Redis time)
     p:ms:, p:mq:    MQTT persistent sessions (redis_sessions.py)
+    p:d:, p:dt:, p:dz  push tokens of mobile devices (redis_devices.py)
 
 Redis 6.2 or newer (ZADD LT, XREVRANGE with COUNT); pub/sub is not scoped by database, so
 nodes of different clusters sharing an instance need different key prefixes.
@@ -47,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from realtime.brokers import redis_scripts as lua
+from realtime.brokers.redis_devices import RedisDeviceRegistry
 from realtime.brokers.redis_envelope import (
     PUBLICATION_HEAD,
     control_message,
@@ -160,6 +162,7 @@ class RedisBroker(Broker):
         self._pattern_refs: dict[bytes, int] = {}
         self._addresses = [Address(url, dict(parse_url(url))) for url in config.redis_urls]
         self.session_store = RedisSessionStore(self)
+        self.device_registry = RedisDeviceRegistry(self)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -421,3 +421,100 @@ else
 end
 return 1
 """
+
+# ---------------------------------------------------------------------- devices
+# Push tokens (redis_devices.py): hash p:dt:<provider>:<token> (on the token's instance)
+# with u (user), d (device), n (nonce of this registration), e (environment), a (app id),
+# pf (platform), r (registered, ms), l (last used, ms); zset p:dz per instance:
+# "<provider>:<token>" -> last used (ms); hash p:d:<user> (on the user's instance):
+# device -> "<nonce>|<provider>:<token>".
+
+# KEYS: token hash, last-use zset; ARGV: member, user, device, nonce, environment, app id,
+# platform, registered ms, last used ms -> {previous user, device, nonce} or {}
+DEVICE_PUT = """
+local prev = redis.call('HMGET', KEYS[1], 'u', 'd', 'n')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'u', ARGV[2], 'd', ARGV[3], 'n', ARGV[4], 'e', ARGV[5],
+           'a', ARGV[6], 'pf', ARGV[7], 'r', ARGV[8], 'l', ARGV[9])
+redis.call('ZADD', KEYS[2], ARGV[9], ARGV[1])
+if prev[1] then
+  return {prev[1], prev[2] or '', prev[3] or ''}
+end
+return {}
+"""
+
+# KEYS: user hash; ARGV: device, pointer ('' to remove) -> the pointer it had before
+DEVICE_POINT = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return old
+"""
+
+# KEYS: user hash; ARGV: device, pointer -> 1 when the device had exactly it (removed)
+DEVICE_UNPOINT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: token hash, last-use zset; ARGV: member, nonce ('': any registration), registered
+# before ms (0: any time) -> {user, device, nonce} of the removed record, or {}
+DEVICE_DROP = """
+local r = redis.call('HMGET', KEYS[1], 'u', 'n', 'r', 'd')
+if not r[1] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {}
+end
+if ARGV[2] ~= '' and r[2] ~= ARGV[2] then
+  return {}
+end
+local before = tonumber(ARGV[3])
+if before > 0 and tonumber(r[3] or '0') >= before then
+  return {}
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return {r[1], r[4] or '', r[2] or ''}
+"""
+
+# KEYS: token hash, last-use zset; ARGV: member, nonce, now ms -> 1 when that registration
+# is still the token's (its last use moved forward)
+DEVICE_TOUCH = """
+local r = redis.call('HMGET', KEYS[1], 'n', 'l')
+if r[1] ~= ARGV[2] then
+  return 0
+end
+if tonumber(r[2] or '0') < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'l', ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: last-use zset; ARGV: token hash prefix, unused since ms, limit
+# -> {how many were looked at, then member, user, device, nonce, ... of those removed}
+DEVICE_PRUNE = """
+local out = {0}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0,
+                       tonumber(ARGV[3]))
+for _, member in ipairs(due) do
+  local key = ARGV[1] .. member
+  local r = redis.call('HMGET', key, 'u', 'd', 'n')
+  redis.call('ZREM', KEYS[1], member)
+  if r[1] then
+    redis.call('DEL', key)
+    out[#out + 1] = member
+    out[#out + 1] = r[1]
+    out[#out + 1] = r[2] or ''
+    out[#out + 1] = r[3] or ''
+  end
+end
+out[1] = #due
+return out
+"""

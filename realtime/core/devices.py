@@ -39,9 +39,11 @@ class DeviceRecord:
 
 class DeviceRegistry(ABC):
     @abstractmethod
-    async def register(self, record: DeviceRecord) -> None:
+    async def register(self, record: DeviceRecord) -> bool:
         """Keep `record` as the user's device (replacing that device's previous token);
-        the same provider token registered by anyone else before is removed there."""
+        the same provider token registered by anyone else before is removed there. True
+        when the token was taken from another user or device (moved). `registered_at` 0
+        means now; the registration counts as a use (`last_used`)."""
 
     @abstractmethod
     async def unregister(self, user: str, device: str) -> bool:

@@ -19,7 +19,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from realtime import __version__
@@ -28,6 +28,7 @@ from realtime.config import Config, NamespaceConfig, parse_version
 from realtime.core.broker import (
     TYPING,
     Broker,
+    BrokerUnavailable,
     ChannelEvent,
     HistoryPolicy,
     HistoryResult,
@@ -39,6 +40,7 @@ from realtime.core.broker import (
     UserStatus,
 )
 from realtime.core.cluster import Cluster
+from realtime.core.devices import PROVIDERS, DeviceRecord
 from realtime.core.hub import Hub, WireFormat
 from realtime.core.presence import PresenceTracker
 from realtime.core.ratelimit import TokenBucket
@@ -59,7 +61,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("realtime.node")
 
 MAX_HISTORY_LIMIT = 1000
+MAX_PUSH_TOKEN_BYTES = 4096
+PUSH_ENVIRONMENTS = ("production", "sandbox")
+DEVICE_PRUNE_INTERVAL = 86_400.0  # seconds between two prunings of unused push tokens
 PING = pb.Reply(push=pb.Push(ping=pb.ServerPing()))
+
+
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable() and " " not in text
+
+
+def _check_id(what: str, value: str) -> None:
+    if not value or len(value) > 256:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} must be 1..256 characters")
+
+
+def _check_text(what: str, value: str, limit: int) -> None:
+    if len(value) > limit or not value.isprintable():
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{what} must be printable, at most {limit} characters"
+        )
 
 
 class Namespace:
@@ -127,6 +148,10 @@ class Node:
         )
         self.handle_control = self.cluster.handle
         self.cluster.on("disconnect_user", self._disconnect_user_request)
+        # Push tokens unused for push.token_max_idle_days are pruned once a day (first a
+        # few minutes after start, so that nodes restarted often still do it).
+        self._device_prune_at = loop.time() + random.uniform(60.0, 600.0)
+        self._device_tasks: set[asyncio.Task[Any]] = set()
         self._register_gauges()
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,6 +168,8 @@ class Node:
             self._housekeeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeper
+        for task in list(self._device_tasks):  # touches and pruning: made up later
+            task.cancel()
         await self.cluster.leave()
         await self.broker.close()
 
@@ -186,6 +213,8 @@ class Node:
         self._ping_next = (self._ping_next + 1) % len(self._ping_buckets)
         self.metrics.connections_accepted += 1
         self.presence.user_connected(session.principal.user)
+        if session.principal.device:  # its push token was used now: off the hot path
+            self._device_task(self._touch_device(session.principal.user, session.principal.device))
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -641,6 +670,142 @@ class Node:
                 push = pb.Reply(push=pb.Push(channel=channel, unsubscribe=unsubscribed))
                 session.push_raw(session.wire.frame(session.codec.encode_reply(push)))
 
+    # ------------------------------------------------------------------ devices
+
+    @staticmethod
+    def require_device(principal: Principal, what: str) -> str:
+        """The token's `device` claim, which device commands need."""
+        if not principal.device:
+            raise ProtocolError(
+                ErrorCode.DEVICE_REQUIRED,
+                f"{what} needs a token with a device claim (the app install's id): "
+                "mint the app's token with device=...",
+            )
+        return principal.device
+
+    async def register_device(
+        self, principal: Principal, req: pb.RegisterDeviceRequest
+    ) -> DeviceRecord:
+        """`register_device` from an app: its push token, for the token's device."""
+        device = self.require_device(principal, "register_device")
+        record, _ = await self.add_device(
+            principal.user,
+            device,
+            req.provider,
+            req.token,
+            environment=req.environment,
+            app_id=req.app_id,
+            platform=req.platform,
+        )
+        return record
+
+    async def unregister_device(self, principal: Principal) -> bool:
+        """`unregister_device` from an app (logout): True when it had a push token."""
+        device = self.require_device(principal, "unregister_device")
+        return await self.remove_device(principal.user, device)
+
+    async def add_device(
+        self,
+        user: str,
+        device: str,
+        provider: str,
+        token: str,
+        *,
+        environment: str = "",
+        app_id: str = "",
+        platform: str = "",
+    ) -> tuple[DeviceRecord, bool]:
+        """Register a device's push token (taking it from whoever had it): the record,
+        and whether the token moved from another user or device."""
+        _check_id("user", user)
+        _check_id("device", device)
+        if provider not in PROVIDERS:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"provider must be one of {', '.join(PROVIDERS)} (got {provider[:32]!r})",
+            )
+        if not token:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "token (the provider's) is required")
+        if len(token) > MAX_PUSH_TOKEN_BYTES or not _printable_ascii(token):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"token must be printable ASCII without spaces, at most "
+                f"{MAX_PUSH_TOKEN_BYTES} bytes",
+            )
+        environment = environment or "production"
+        if environment not in PUSH_ENVIRONMENTS:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"environment must be production or sandbox (got {environment[:32]!r})",
+            )
+        _check_text("app_id", app_id, 255)
+        _check_text("platform", platform, 32)
+        now = self.wall_time()
+        record = DeviceRecord(
+            user, device, provider, token, environment, app_id, platform, now, now
+        )
+        moved = await self.broker.device_registry.register(record)
+        self.metrics.push_devices_registered += 1
+        if moved:
+            self.metrics.push_tokens_moved += 1
+        event(
+            log,
+            "device_registered",
+            logging.DEBUG,
+            user=user,
+            device=device,
+            provider=provider,
+            platform=platform,
+            moved=moved,
+        )
+        return record, moved
+
+    async def remove_device(self, user: str, device: str) -> bool:
+        """Forget the device's push token; True when it had one."""
+        _check_id("user", user)
+        _check_id("device", device)
+        return await self.broker.device_registry.unregister(user, device)
+
+    async def list_devices(self, user: str) -> list[DeviceRecord]:
+        _check_id("user", user)
+        return await self.broker.device_registry.devices(user)
+
+    async def prune_devices(self) -> int:
+        """Remove push tokens unused for push.token_max_idle_days (0: never); how many."""
+        days = self.config.push.token_max_idle_days
+        if days <= 0:
+            return 0
+        pruned = await self.broker.device_registry.prune(self.wall_time() - days * 86_400.0)
+        self.metrics.push_tokens_pruned += pruned
+        if pruned:
+            event(log, "push_tokens_pruned", count=pruned, idle_days=days)
+        return pruned
+
+    def _maybe_prune_devices(self, now: float) -> None:
+        if now < self._device_prune_at:
+            return
+        self._device_prune_at = now + DEVICE_PRUNE_INTERVAL
+        self._device_task(self.prune_devices())
+
+    async def _touch_device(self, user: str, device: str) -> None:
+        await self.broker.device_registry.touch(user, device, self.wall_time())
+
+    def _device_task(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run device registry work in the background; failures are logged, not raised
+        (a missed touch or prune is made up later)."""
+
+        async def run() -> None:
+            try:
+                await work
+            except BrokerUnavailable:
+                pass
+            except Exception:
+                log.exception("device_registry_failed")
+
+        task = self.loop.create_task(run())
+        self._device_tasks.add(task)
+        task.add_done_callback(self._device_tasks.discard)
+
     # ------------------------------------------------------------------ control
 
     def disconnect_user(self, user: str, *, reconnect: bool, reason: str) -> int:
@@ -706,6 +871,7 @@ class Node:
                 self.tick(self.loop.time())
                 await self.broker.housekeeping(self.loop.time())
                 await self.cluster.announce(self.loop.time())
+                self._maybe_prune_devices(self.loop.time())
             except Exception:
                 log.exception("housekeeping_failed")
 

@@ -183,6 +183,14 @@ class Session:
                 self.reply(command.id, pb.Reply(typing=pb.TypingResult(throttled=not forwarded)))
             elif kind == "user_status":
                 await self._user_status(command.id, list(command.user_status.users))
+            elif kind == "register_device":
+                assert self.principal is not None
+                await self.node.register_device(self.principal, command.register_device)
+                self.reply(command.id, pb.Reply(register_device=pb.RegisterDeviceResult()))
+            elif kind == "unregister_device":
+                assert self.principal is not None
+                await self.node.unregister_device(self.principal)
+                self.reply(command.id, pb.Reply(unregister_device=pb.UnregisterDeviceResult()))
             elif kind == "connect":
                 raise ProtocolError(ErrorCode.ALREADY_CONNECTED, "already connected")
             else:

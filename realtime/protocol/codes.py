@@ -41,6 +41,7 @@ class ErrorCode(IntEnum):
     BROKER_UNAVAILABLE = 115
     NOT_CONNECTED = 116
     ALREADY_CONNECTED = 117
+    DEVICE_REQUIRED = 118  # the token has no `device` claim (mobile device commands)
 
 
 @dataclass(frozen=True, slots=True)
