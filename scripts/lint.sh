@@ -4,6 +4,6 @@ set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 ensure_venv "[dev]"
 cd "$ROOT"
-"$VENV/bin/ruff" check realtime tests bench
+"$VENV/bin/ruff" check realtime tests bench loadtests
 "$VENV/bin/ruff" format --check realtime
 "$VENV/bin/mypy" realtime
