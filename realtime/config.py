@@ -177,11 +177,69 @@ class BrokerConfig:
 
 
 @dataclass
+class ApnsConfig:
+    # Token auth (recommended): the .p8 key from the Apple developer account (Keys), its
+    # key id and your team id. Or certificate auth: cert_file, one PEM file holding the
+    # push certificate and its private key. Set one of the two.
+    key_file: str = ""
+    key_id: str = ""
+    team_id: str = ""
+    cert_file: str = ""
+    # The app's bundle id (apns-topic); a device registered with an app id uses its own.
+    topic: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.key_file or self.cert_file)
+
+
+@dataclass
+class FcmConfig:
+    # The Firebase service-account JSON (Project settings > Service accounts).
+    service_account_file: str = ""
+    # "" = the project_id in that file.
+    project_id: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.service_account_file)
+
+
+@dataclass
 class PushConfig:
+    # Push providers that wake backgrounded apps. Off unless [push.apns] or [push.fcm]
+    # is configured. Seconds one send may take (connection included) before it is
+    # given up and retried.
+    deadline: float = 10.0
+    # Sending tasks, and wakes waiting (queued or to be retried) past which new ones are
+    # dropped (counted in push_dropped_total).
+    workers: int = 4
+    queue_size: int = 10_000
+    # Temporary errors (timeouts, 429, 5xx) are retried this many times, after
+    # retry_backoff * 2^n seconds (with jitter, at most retry_backoff_max, at least the
+    # provider's Retry-After).
+    max_retries: int = 3
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 60.0
+    # Circuit breaker per provider: it opens after breaker_failures failures in a row, or
+    # when breaker_failure_ratio of at least breaker_min_requests sends in the last
+    # breaker_window seconds failed (0 = no ratio rule); while open, wakes for that
+    # provider are dropped at once; after breaker_cooldown seconds one trial send decides.
+    breaker_failures: int = 5
+    breaker_failure_ratio: float = 0.5
+    breaker_window: float = 60.0
+    breaker_min_requests: int = 20
+    breaker_cooldown: float = 30.0
     # Device push tokens neither used (a connect with the token's device claim) nor
     # registered again for this many days are removed, once a day (0: kept until the
     # provider says they are invalid or the app unregisters).
     token_max_idle_days: int = 60
+    apns: ApnsConfig = field(default_factory=ApnsConfig)
+    fcm: FcmConfig = field(default_factory=FcmConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return self.apns.configured or self.fcm.configured
 
 
 @dataclass
@@ -400,6 +458,7 @@ def validate(config: Config) -> None:
     need(limits.user_publish_burst >= 1, "limits.user_publish_burst", "must be >= 1")
     need(limits.flood_close_after >= 1, "limits.flood_close_after", "must be >= 1")
     _validate_broker(config.broker, need)
+    _validate_push(config.push, need)
     mqtt = config.mqtt
     need(0 <= mqtt.port <= 65535, "mqtt.port", f"{mqtt.port} is not a TCP port")
     need(0 <= mqtt.tls_port <= 65535, "mqtt.tls_port", f"{mqtt.tls_port} is not a TCP port")
@@ -423,8 +482,6 @@ def validate(config: Config) -> None:
     need(mqtt.max_connections >= 1, "mqtt.max_connections", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
     need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
-    days = config.push.token_max_idle_days
-    need(days >= 0, "push.token_max_idle_days", "must be >= 0 (0: never)")
     presence = config.presence
     need(presence.ttl >= 3, "presence.ttl", "must be >= 3 seconds")
     need(
@@ -473,6 +530,98 @@ def validate(config: Config) -> None:
             f"{key}.delta",
             "needs history_size > 0 (deltas rely on positions to detect a lost base)",
         )
+
+
+def _validate_push(push: PushConfig, need: Callable[[bool, str, str], None]) -> None:
+    need(push.deadline > 0, "push.deadline", "must be > 0 seconds")
+    need(1 <= push.workers <= 256, "push.workers", "must be 1..256")
+    need(push.queue_size >= 1, "push.queue_size", "must be >= 1")
+    need(push.max_retries >= 0, "push.max_retries", "must be >= 0")
+    need(push.retry_backoff > 0, "push.retry_backoff", "must be > 0 seconds")
+    need(
+        push.retry_backoff_max >= push.retry_backoff,
+        "push.retry_backoff_max",
+        "must be >= push.retry_backoff",
+    )
+    need(push.breaker_failures >= 1, "push.breaker_failures", "must be >= 1")
+    need(
+        0 <= push.breaker_failure_ratio <= 1,
+        "push.breaker_failure_ratio",
+        "must be between 0 and 1 (0 turns the ratio rule off)",
+    )
+    need(push.breaker_window > 0, "push.breaker_window", "must be > 0 seconds")
+    need(push.breaker_min_requests >= 1, "push.breaker_min_requests", "must be >= 1")
+    need(push.breaker_cooldown > 0, "push.breaker_cooldown", "must be > 0 seconds")
+    need(push.token_max_idle_days >= 0, "push.token_max_idle_days", "must be >= 0 (0: never)")
+    apns = push.apns
+    need(
+        not (apns.key_file and apns.cert_file),
+        "push.apns.cert_file",
+        "set key_file (token auth) or cert_file (certificate auth), not both",
+    )
+    if apns.key_file:
+        need(
+            Path(apns.key_file).is_file(),
+            "push.apns.key_file",
+            f"{apns.key_file!r} is not a file: give the path of the .p8 key downloaded "
+            "from the Apple developer account (Certificates, IDs & Profiles > Keys)",
+        )
+        need(bool(apns.key_id), "push.apns.key_id", "token auth needs the key's 10-character id")
+        need(bool(apns.team_id), "push.apns.team_id", "token auth needs your 10-character team id")
+    else:
+        need(
+            not (apns.key_id or apns.team_id),
+            "push.apns.key_file",
+            "key_id/team_id are set: also set key_file (the .p8 key) for token auth",
+        )
+    if apns.cert_file:
+        need(
+            Path(apns.cert_file).is_file(),
+            "push.apns.cert_file",
+            f"{apns.cert_file!r} is not a file: give a PEM file with the APNs push "
+            "certificate and its private key",
+        )
+    if apns.configured:
+        need(
+            bool(apns.topic),
+            "push.apns.topic",
+            "set the app's bundle id (for example com.example.app)",
+        )
+    fcm = push.fcm
+    if fcm.service_account_file:
+        problem, project = _service_account_error(fcm.service_account_file)
+        need(problem is None, "push.fcm.service_account_file", str(problem))
+        need(
+            bool(fcm.project_id or project),
+            "push.fcm.project_id",
+            "the service-account file names no project_id: set it here",
+        )
+    else:
+        need(
+            not fcm.project_id,
+            "push.fcm.service_account_file",
+            "project_id is set: also set the service-account JSON file",
+        )
+
+
+def _service_account_error(path: str) -> tuple[str | None, str]:
+    """(what is wrong with a Firebase service-account file or None, its project id)."""
+    import json
+
+    where = Path(path)
+    hint = "download it from the Firebase console (Project settings > Service accounts)"
+    if not where.is_file():
+        return f"{path!r} is not a file: {hint}", ""
+    try:
+        data = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{path!r} is not readable JSON ({exc}): {hint}", ""
+    if not isinstance(data, dict) or data.get("type") != "service_account":
+        return f'{path!r} is not a service-account key (no "type": "service_account"): {hint}', ""
+    missing = [k for k in ("private_key", "client_email", "token_uri") if not data.get(k)]
+    if missing:
+        return f"{path!r} lacks {', '.join(missing)}: {hint}", ""
+    return None, str(data.get("project_id") or "")
 
 
 BROKER_TYPES = ("memory", "redis")

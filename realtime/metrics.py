@@ -32,6 +32,14 @@ class Metrics:
         # Fan-out deliveries are counted by the hub per publication and added on scrape.
         self.deliveries: Callable[[], int] = lambda: 0
         self.delta_deliveries: Callable[[], int] = lambda: 0
+        # Push providers (realtime/push/sender.py): by provider, errors also by reason,
+        # drops also by why (queue_full, breaker_open, retries_exhausted, ...); breaker
+        # state per provider read on scrape (0 closed, 1 half-open, 2 open).
+        self.push_sent: Counter[str] = Counter()
+        self.push_errors: Counter[tuple[str, str]] = Counter()
+        self.push_tokens_removed: Counter[str] = Counter()
+        self.push_dropped: Counter[tuple[str, str]] = Counter()
+        self.push_breakers: dict[str, Callable[[], float]] = {}
         # Device registry (push tokens): registrations, tokens taken from another user or
         # device (re-login), tokens pruned for being unused for push.token_max_idle_days.
         self.push_devices_registered = 0
@@ -145,5 +153,45 @@ class Metrics:
             "counter",
             "Push tokens removed for being unused for push.token_max_idle_days.",
             [("", self.push_tokens_pruned)],
+        )
+        metric(
+            "push_sent_total",
+            "counter",
+            "Pushes a provider (APNs, FCM) accepted, by provider.",
+            labelled("provider", self.push_sent),
+        )
+        metric(
+            "push_errors_total",
+            "counter",
+            "Provider errors, by provider and the provider's reason (or timeout, connection).",
+            [
+                (f'{{provider="{_escape(p)}",reason="{_escape(r)}"}}', float(v))
+                for (p, r), v in self.push_errors.items()
+            ],
+        )
+        metric(
+            "push_tokens_removed_total",
+            "counter",
+            "Device tokens a provider reported invalid (handed to the device registry).",
+            labelled("provider", self.push_tokens_removed),
+        )
+        metric(
+            "push_dropped_total",
+            "counter",
+            "Wakes not delivered, by provider and why (queue_full, breaker_open, "
+            "retries_exhausted, no_provider, closed).",
+            [
+                (f'{{provider="{_escape(p)}",why="{_escape(w)}"}}', float(v))
+                for (p, w), v in self.push_dropped.items()
+            ],
+        )
+        metric(
+            "push_breaker_state",
+            "gauge",
+            "Circuit breaker of each push provider: 0 closed, 1 half-open, 2 open.",
+            [
+                (f'{{provider="{_escape(p)}"}}', float(read()))
+                for p, read in sorted(self.push_breakers.items())
+            ],
         )
         return "\n".join(lines) + "\n"
