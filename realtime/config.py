@@ -168,6 +168,11 @@ class BrokerConfig:
     # Seconds a channel stays subscribed in Redis after its last local subscriber left
     # (a client that comes straight back costs no UNSUBSCRIBE + SUBSCRIBE).
     unsubscribe_delay: float = 2.0
+    # Every this many seconds a node compares what it received of its subscribed channels
+    # (those with history) with the streams' tops in Redis, a batch at a time; a channel
+    # still behind at the next check lost publications on the way, and its subscribers
+    # are told to resubscribe with recovery (code 2500). 0 turns the checks off.
+    position_check_interval: float = 40.0
     # Nodes list themselves (with their load) every node_announce_interval seconds; a node
     # not heard from for node_ttl seconds is taken for dead (its MQTT sessions are taken
     # over without asking it). control_timeout: seconds a node waits for another's answer.
@@ -654,6 +659,11 @@ def _validate_broker(broker: BrokerConfig, need: Callable[[bool, str, str], None
     need(broker.reconnect_max_delay > 0, "broker.reconnect_max_delay", "must be > 0")
     need(broker.pubsub_queue_size >= 1, "broker.pubsub_queue_size", "must be >= 1")
     need(broker.unsubscribe_delay >= 0, "broker.unsubscribe_delay", "must be >= 0")
+    need(
+        broker.position_check_interval >= 0,
+        "broker.position_check_interval",
+        "must be >= 0 (0 turns the checks off)",
+    )
     need(broker.node_announce_interval >= 1, "broker.node_announce_interval", "must be >= 1")
     need(
         broker.node_ttl > broker.node_announce_interval,

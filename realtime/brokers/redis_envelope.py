@@ -138,8 +138,8 @@ def decode(message: bytes) -> Publication | ChannelEvent | ControlMessage:
     raw = _unpackb(message)
     kind = raw[0]
     if kind == PUBLICATION:
-        _, offset, _, data, user, client, tags, meta = raw
-        return Publication(offset, data, user, client, tags, unpack_meta(meta))
+        _, offset, epoch, data, user, client, tags, meta = raw
+        return Publication(offset, data, user, client, tags, unpack_meta(meta), epoch)
     if kind == EVENT:
         _, kind, active, entry = raw
         return ChannelEvent(kind, unpack_entry(entry), active)

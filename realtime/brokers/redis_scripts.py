@@ -101,6 +101,30 @@ return out
 """
 )
 
+# The tops of many streams at once (the node's position checks), each as HISTORY answers
+# a position-only read: a missing meta hash is created with a fresh epoch.
+# KEYS: meta hash, stream, for each channel
+# ARGV: epoch for a new stream, then each channel's meta ttl s
+# -> {top, epoch, top, epoch, ...} in the order of the channels
+POSITIONS = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local meta = redis.call('HMGET', KEYS[i], 'e', 'o')
+  local epoch, top = meta[1], 0
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('DEL', KEYS[i + 1])
+    redis.call('HSET', KEYS[i], 'e', epoch, 'o', 0)
+  else
+    top = tonumber(meta[2]) or 0
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[(i + 1) / 2 + 1])
+  out[i] = top
+  out[i + 1] = epoch
+end
+return out
+"""
+
 # KEYS: presence hash, presence zset, presence index
 # ARGV: client, entry, ttl ms, channel -> 1 when the entry was not live before
 PRESENCE_ADD = (

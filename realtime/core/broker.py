@@ -20,6 +20,8 @@ The contract every implementation keeps:
   overflowed), the broker calls `handle_stream_gap` with those channels, once it receives
   them again; their subscribers must recover from their last position. A broker that
   cannot lose a publication on the way (the memory broker) never calls it.
+- such a broker (`delivery_may_gap`) also answers `positions`, the tops of many streams
+  at once, so that the node can notice a loss that no later publication reveals.
 - control messages (`send_control`) reach every node, or the one named, through the same
   pub/sub as publications (so they are as lossy: requests carry timeouts); nodes list
   themselves with their load (`register_node`, `nodes`).
@@ -30,6 +32,7 @@ The contract every implementation keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,7 +49,7 @@ class StreamPosition:
 class Publication:
     """One publication as it travels through the node. Immutable by convention."""
 
-    __slots__ = ("client", "data", "meta", "offset", "tags", "user")
+    __slots__ = ("client", "data", "epoch", "meta", "offset", "tags", "user")
 
     def __init__(
         self,
@@ -56,6 +59,7 @@ class Publication:
         client: str = "",
         tags: dict[str, str] | None = None,
         meta: object = None,
+        epoch: str = "",
     ) -> None:
         self.offset = offset
         self.data = data
@@ -64,6 +68,9 @@ class Publication:
         self.tags = tags
         # Transport details the hub carries untouched (MQTT: QoS, retain, v5 properties).
         self.meta = meta
+        # The stream's epoch, where the broker carries it with each publication (Redis);
+        # "" where it does not (the memory broker, whose deliveries cannot gap).
+        self.epoch = epoch
 
     def __repr__(self) -> str:
         return f"Publication(offset={self.offset}, {len(self.data)} bytes)"
@@ -174,6 +181,9 @@ class Broker(ABC):
     # node knows itself, such as who is connected, is all there is, and need not be
     # written to the broker for other nodes.
     single_node = False
+    # True when publications can be lost on the way to this node (Redis pub/sub): the node
+    # then notes what it received of each channel and checks it against `positions`.
+    delivery_may_gap = False
     # This node's identity among the broker's nodes; new on every start of the process.
     node_id: str = ""
     # MQTT persistent sessions shared by the nodes (None: each node keeps its own).
@@ -292,6 +302,18 @@ class Broker(ABC):
     async def position(self, channel: str, policy: HistoryPolicy) -> StreamPosition:
         """The stream's current top (creating the stream so its epoch is stable)."""
         return (await self.history(channel, policy, limit=-1)).position
+
+    async def positions(self, channels: Mapping[str, HistoryPolicy]) -> dict[str, StreamPosition]:
+        """The current tops of many streams (as `position`, which creates a missing stream
+        so its epoch is stable). Channels whose position cannot be read now (their broker
+        instance is unavailable) are left out of the answer. Brokers batch this."""
+        tops: dict[str, StreamPosition] = {}
+        for channel, policy in channels.items():
+            try:
+                tops[channel] = await self.position(channel, policy)
+            except BrokerUnavailable:
+                continue
+        return tops
 
     async def housekeeping(self, now: float) -> None:  # noqa: B027 - optional hook
         """Called about once a second: expire what has to expire."""

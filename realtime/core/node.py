@@ -5,7 +5,9 @@ history, presence, typing, disconnect). The node is the broker's handler: public
 go straight to the hub; ephemeral events (join, leave, typing) are checked against the
 channel's namespace first; a stream gap (publications may have been lost on the way to
 this node) ends the local WebSocket subscriptions of the channels that keep history with
-an `unsubscribe` push (code 2500) that tells their clients to resubscribe with recovery.
+an `unsubscribe` push (code 2500) that tells their clients to resubscribe with recovery;
+where publications can be lost on the way, the node also checks what it received against
+the streams' positions to find such gaps itself (`core/positions.py`).
 One housekeeping task per node does what would otherwise need a timer per connection:
 pings in buckets, token expiry, connect deadlines, presence refresh, typing expiry.
 """
@@ -13,7 +15,6 @@ pings in buckets, token expiry, connect deadlines, presence refresh, typing expi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import random
@@ -42,6 +43,7 @@ from realtime.core.broker import (
 from realtime.core.cluster import Cluster
 from realtime.core.devices import PROVIDERS, DeviceRecord
 from realtime.core.hub import Hub, WireFormat
+from realtime.core.positions import PositionTracker
 from realtime.core.presence import PresenceTracker
 from realtime.core.ratelimit import TokenBucket
 from realtime.core.replies import pb_client_info, pb_position, pb_publications
@@ -134,8 +136,14 @@ class Node:
         self.presence = PresenceTracker(broker, config.presence, loop)
         self.typing = TypingThrottle()
         self._typing_horizon = max(ns.typing_timeout for ns in config.namespaces.values())
-        # Broker handler: publications go to the hub without an extra call.
+        # Broker handler: publications go to the hub without an extra call, unless they can
+        # be lost on the way: then their positions are noted and checked (core/positions.py).
         self.handle_publication = self.hub.handle_publication
+        self.positions = PositionTracker(config.broker.position_check_interval)
+        self._tracking = broker.delivery_may_gap
+        self._position_check: asyncio.Task[None] | None = None
+        if self._tracking:
+            self.handle_publication = self._handle_publication_checked
         self.hub.outbound_of = self._outbound_of
         self.mqtt: MqttServer | None = None  # set by the MQTT server, when enabled
         self.cluster = Cluster(
@@ -164,10 +172,12 @@ class Node:
 
     async def stop(self) -> None:
         self.ready = False
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeper
+        for task in (self._housekeeper, self._position_check):
+            # Cancelled again until it ends: Python 3.11's asyncio.wait_for (redis-py
+            # sends with it) swallows a cancellation that races the result it waits for.
+            while task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
         for task in list(self._device_tasks):  # touches and pruning: made up later
             task.cancel()
         await self.cluster.leave()
@@ -186,6 +196,7 @@ class Node:
         m.gauge("draining", "1 while the node shuts down.", lambda: float(self.draining))
         m.deliveries = lambda: self.hub.deliveries
         m.delta_deliveries = lambda: self.hub.deltas_sent
+        self.positions.register_metrics(m)
         m.gauge(
             "presence_entries",
             "Presence entries this node keeps alive.",
@@ -324,6 +335,8 @@ class Node:
         policy = ns.history
         out, wire = session.outbound, session.wire
         first = self.hub.add(channel, out, wire, buffering=policy is not None, delta=bool(delta))
+        if first and self._tracking:
+            self.positions.forget(channel)  # what it knew is from before: start over
         session.channels.add(channel)
         result = pb.SubscribeResult()
         try:
@@ -368,6 +381,8 @@ class Node:
                 action=Action.RETRY,
             )
         buffered = self.hub.go_live(channel, out, wire, bool(delta))
+        if self._tracking:
+            self.positions.seed(channel, top)
         result.recoverable = True
         result.position.CopyFrom(pb_position(top))
         # Whatever arrived while history was read: keep only what lies past the reply.
@@ -636,8 +651,11 @@ class Node:
         self.metrics.channel_events[event.kind] += 1
 
     def handle_stream_gap(self, channels: list[str]) -> None:
-        """Broker handler: publications of `channels` may have been lost on the way to
-        this node. Each local WebSocket subscription of a channel that keeps history ends
+        """Publications of `channels` may have been lost on the way to this node: the
+        broker says so (its pub/sub link dropped, its queue overflowed), or the node's
+        position checks found it (a publication arrived past lost ones, or the stream's
+        top stayed ahead of what the node received: core/positions.py). Each local
+        WebSocket subscription of a channel that keeps history ends
         here with an `unsubscribe` push (UnsubscribeCode.RESUBSCRIBE): the client
         resubscribes from its last position and recovers what was lost (or learns that it
         cannot). Channels without history have no position to recover from: nothing to
@@ -651,6 +669,8 @@ class Node:
         if not gapped:
             return
         self.metrics.channel_events["stream_gap"] += len(gapped)
+        for channel in gapped:
+            self.positions.forget(channel)
         unsubscribed = pb.Unsubscribed(
             code=UnsubscribeCode.RESUBSCRIBE, reason="stream gap: resubscribe with recovery"
         )
@@ -806,6 +826,39 @@ class Node:
         self._device_tasks.add(task)
         task.add_done_callback(self._device_tasks.discard)
 
+    def _handle_publication_checked(self, channel: str, pub: Publication) -> None:
+        """Broker handler when publications can be lost on the way: a publication that
+        arrives past lost ones ends the channel's subscriptions first (a stream gap)."""
+        if (
+            pub.offset
+            and channel in self.hub.channels
+            and self.positions.arrived(channel, pub.offset, pub.epoch)
+        ):
+            self.handle_stream_gap([channel])
+        self.hub.handle_publication(channel, pub)
+
+    async def check_positions(self) -> None:
+        """One round of position checks (core/positions.py): the suspects of the last
+        round that are still behind are stream gaps; then the next batch of channels is
+        compared with the broker's tops, in one batched read."""
+        tracker, live = self.positions, self.hub.channels
+        try:
+            gapped = tracker.confirm(live)
+            if gapped:
+                log.warning("stream_gap_found", extra={"fields": {"channels": len(gapped)}})
+                self.handle_stream_gap(gapped)
+            policies: dict[str, HistoryPolicy] = {}
+            for channel in tracker.pick(live):
+                policy = self.namespace(channel).history
+                if policy is not None:
+                    policies[channel] = policy
+            if policies:
+                tracker.compare(await self.broker.positions(policies))
+        except BrokerUnavailable:
+            pass  # the next round, then
+        except Exception:
+            log.exception("position_check_failed")
+
     # ------------------------------------------------------------------ control
 
     def disconnect_user(self, user: str, *, reconnect: bool, reason: str) -> int:
@@ -909,6 +962,10 @@ class Node:
             heapq.heapify(self._expiry)
         for ticker in self.tickers:
             ticker(now)
+        if self._tracking and self.positions.due(now):
+            check = self._position_check
+            if check is None or check.done():  # else the last one still waits for the broker
+                self._position_check = self.loop.create_task(self.check_positions())
         self.presence.tick(now)
         if self.hub.typing_channels:
             self.hub.expire_typing(now)
