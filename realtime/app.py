@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from realtime.api.server_api import ServerApi
 from realtime.brokers.memory import MemoryBroker
 from realtime.config import Config
-from realtime.core.broker import Broker
+from realtime.core.broker import Broker, BrokerUnavailable
 from realtime.core.node import Node
 from realtime.log import event
+from realtime.push.sender import PushSender, providers_configured
 from realtime.transports.http import HttpServer
 from realtime.transports.mqtt import MqttListener
 from realtime.transports.websocket import WEBSOCKET_PATH, WebSocketServer
@@ -40,11 +42,32 @@ class Gateway:
         self.mqtt = MqttListener(self.node) if config.mqtt.enabled else None
         if self.mqtt is not None:
             self.websocket.carry_mqtt(self.mqtt.server)
+        self.push = self._push_sender()
         self._stopped = asyncio.Event()
         self._stopping = False
 
+    def _push_sender(self) -> PushSender | None:
+        """The push sender when a provider is configured; wakes of backgrounded apps go
+        to it, and the tokens it finds invalid leave the registry."""
+        if not providers_configured(self.config.push):
+            return None
+        registry = self.node.broker.device_registry
+
+        async def token_invalid(provider: str, token: str, reason: str) -> None:
+            with contextlib.suppress(BrokerUnavailable):  # else the next wake finds it again
+                await registry.remove_token(provider, token)
+            event(log, "push_token_removed", provider=provider, reason=reason)
+
+        sender = PushSender.from_config(
+            self.config.push, self.node.metrics, on_token_invalid=token_invalid
+        )
+        self.node.background.sink = sender
+        return sender
+
     async def start(self) -> None:
         await self.node.start()
+        if self.push is not None:
+            await self.push.start()
         server = self.config.server
         await self.websocket.start(server.host, server.port)
         await self.http.start(self.config.api.host, self.config.api.port)
@@ -58,6 +81,7 @@ class Gateway:
             mqtt=f"mqtt://{self.config.mqtt.host}:{self.mqtt.port}" if self.mqtt else "off",
             api=f"http://{self.config.api.host}:{self.http.port}",
             broker=self.node.broker.name,
+            push=",".join(providers_configured(self.config.push)) or "off",
             config=self.config.source,
         )
 
@@ -78,6 +102,8 @@ class Gateway:
             await self.mqtt.drain(timeout)
         aborted = await self.websocket.drain(timeout)
         await self.http.stop()
+        if self.push is not None:
+            await self.push.close(drain=1.0)
         await self.node.stop()
         event(log, "gateway_stopped", drained=open_connections - aborted, aborted=aborted)
         self._stopped.set()

@@ -173,6 +173,9 @@ class BrokerConfig:
     # still behind at the next check lost publications on the way, and its subscribers
     # are told to resubscribe with recovery (code 2500). 0 turns the checks off.
     position_check_interval: float = 40.0
+    # Command connections per Redis instance; more concurrent commands wait for one (up
+    # to command_timeout) instead of failing.
+    connections_per_instance: int = 64
     # Nodes list themselves (with their load) every node_announce_interval seconds; a node
     # not heard from for node_ttl seconds is taken for dead (its MQTT sessions are taken
     # over without asking it). control_timeout: seconds a node waits for another's answer.
@@ -281,6 +284,29 @@ class NamespaceConfig:
     # Subscribers may ask for Fossil deltas (subscribe with delta "fossil"). Needs
     # history_size > 0: positions let a client notice a lost base and resubscribe.
     delta: bool = False
+    # Backgrounded apps ([background]): a publication here wakes a detached device with a
+    # silent push (no content; the app polls). push_notification: a generic visible text
+    # instead ("New message"), collapsed per channel, not sent during push_quiet_hours
+    # ("22:00-07:00", UTC; the silent wake still goes).
+    push: bool = False
+    push_notification: str = ""
+    push_quiet_hours: str = ""
+
+
+@dataclass
+class BackgroundConfig:
+    # An app in the background (app_state) or whose socket dropped keeps its channels and
+    # positions this many seconds (its detached session), for wakes and GET /v1/poll.
+    detach_ttl: float = 86_400.0
+    # Seconds between the first publication for a detached device and its wake: coming
+    # back (or a later publication) within them sends nothing more.
+    wake_delay: float = 10.0
+    # Wakes per device per hour at most (iOS throttles background pushes beyond 2-3);
+    # over budget nothing is sent: the next poll or foreground catches up.
+    wakes_per_hour: int = 3
+    # GET /v1/poll: longest wait for a publication (long polling), publications per page.
+    poll_max_wait: float = 30.0
+    poll_page_size: int = 100
 
 
 @dataclass
@@ -294,6 +320,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Channel "chat/room1" uses namespace "chat" when one is configured, else "default".
     namespaces: dict[str, NamespaceConfig] = field(
@@ -487,6 +514,12 @@ def validate(config: Config) -> None:
     need(mqtt.max_connections >= 1, "mqtt.max_connections", "must be >= 1")
     need(mqtt.publishes_per_second > 0, "mqtt.publishes_per_second", "must be > 0")
     need(mqtt.publish_burst >= 1, "mqtt.publish_burst", "must be >= 1")
+    background = config.background
+    need(background.detach_ttl > 0, "background.detach_ttl", "must be > 0")
+    need(background.wake_delay >= 0, "background.wake_delay", "must be >= 0")
+    need(background.wakes_per_hour >= 0, "background.wakes_per_hour", "must be >= 0")
+    need(background.poll_max_wait >= 0, "background.poll_max_wait", "must be >= 0")
+    need(background.poll_page_size >= 1, "background.poll_page_size", "must be >= 1")
     presence = config.presence
     need(presence.ttl >= 3, "presence.ttl", "must be >= 3 seconds")
     need(
@@ -535,6 +568,22 @@ def validate(config: Config) -> None:
             f"{key}.delta",
             "needs history_size > 0 (deltas rely on positions to detect a lost base)",
         )
+        need(
+            not ns.push_quiet_hours or parse_quiet_hours(ns.push_quiet_hours) is not None,
+            f"{key}.push_quiet_hours",
+            'must look like "22:00-07:00" (UTC)',
+        )
+
+
+def parse_quiet_hours(text: str) -> tuple[int, int] | None:
+    """ "22:00-07:00" -> (start, end) in minutes of the day (UTC), or None when invalid."""
+    match = re.fullmatch(r"(\d\d):(\d\d)-(\d\d):(\d\d)", text.strip())
+    if match is None:
+        return None
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        return None
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 def _validate_push(push: PushConfig, need: Callable[[bool, str, str], None]) -> None:
@@ -664,6 +713,7 @@ def _validate_broker(broker: BrokerConfig, need: Callable[[bool, str, str], None
         "broker.position_check_interval",
         "must be >= 0 (0 turns the checks off)",
     )
+    need(broker.connections_per_instance >= 1, "broker.connections_per_instance", "must be >= 1")
     need(broker.node_announce_interval >= 1, "broker.node_announce_interval", "must be >= 1")
     need(
         broker.node_ttl > broker.node_announce_interval,

@@ -28,6 +28,10 @@ class Metrics:
         self.api_requests: Counter[tuple[str, int]] = Counter()  # by (endpoint, status)
         # Ephemeral events handled (join, leave, typing) and typing commands throttled.
         self.channel_events: Counter[str] = Counter()
+        # Backgrounded apps: wakes by outcome (armed, coalesced, sent, over_budget,
+        # cancelled, no_token) and polls by result (ok, empty, error).
+        self.wakes: Counter[str] = Counter()
+        self.polls: Counter[str] = Counter()
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         # Fan-out deliveries are counted by the hub per publication and added on scrape.
         self.deliveries: Callable[[], int] = lambda: 0
@@ -128,6 +132,20 @@ class Metrics:
             labelled("kind", self.channel_events),
         )
         metric(
+            "push_wakes_total",
+            "counter",
+            "Wakes of backgrounded apps, by outcome (armed: a publication armed one; "
+            "coalesced: one was pending; sent: handed to the push sender; over_budget; "
+            "cancelled: the app came back first; no_token: no push token registered).",
+            labelled("outcome", self.wakes),
+        )
+        metric(
+            "polls_total",
+            "counter",
+            "GET /v1/poll requests, by result.",
+            labelled("result", self.polls),
+        )
+        metric(
             "api_requests_total",
             "counter",
             "Server API requests, by endpoint and status.",
@@ -135,24 +153,6 @@ class Metrics:
                 (f'{{endpoint="{_escape(e)}",status="{s}"}}', float(v))
                 for (e, s), v in self.api_requests.items()
             ],
-        )
-        metric(
-            "push_devices_registered_total",
-            "counter",
-            "Push tokens registered (register_device over the socket or the server API).",
-            [("", self.push_devices_registered)],
-        )
-        metric(
-            "push_tokens_moved_total",
-            "counter",
-            "Registrations that took a push token from another user or device (re-login).",
-            [("", self.push_tokens_moved)],
-        )
-        metric(
-            "push_tokens_pruned_total",
-            "counter",
-            "Push tokens removed for being unused for push.token_max_idle_days.",
-            [("", self.push_tokens_pruned)],
         )
         metric(
             "push_sent_total",
@@ -193,5 +193,23 @@ class Metrics:
                 (f'{{provider="{_escape(p)}"}}', float(read()))
                 for p, read in sorted(self.push_breakers.items())
             ],
+        )
+        metric(
+            "push_devices_registered_total",
+            "counter",
+            "Push tokens registered (register_device over the socket or the server API).",
+            [("", self.push_devices_registered)],
+        )
+        metric(
+            "push_tokens_moved_total",
+            "counter",
+            "Registrations that took a push token from another user or device (re-login).",
+            [("", self.push_tokens_moved)],
+        )
+        metric(
+            "push_tokens_pruned_total",
+            "counter",
+            "Push tokens removed for being unused for push.token_max_idle_days.",
+            [("", self.push_tokens_pruned)],
         )
         return "\n".join(lines) + "\n"

@@ -574,9 +574,12 @@ async def test_fcm_never_blocks_the_loop_even_while_tokens_refresh(
                 *(provider.send(Wake("fcm", f"b{i}")) for i in range(10))
             )
             assert [o for o in outcomes if o.outcome is not Outcome.SENT] == []
+            # A third token comes either from our refresh (the second token was the short one)
+            # or from google-auth's thread (it was issued before the lifetime changed, so it
+            # is stale): which one depends on timing, that one does not.
+            await eventually(lambda: len(fake_fcm.token_requests) >= 3)
         finally:
             await provider.close()
-    assert len(fake_fcm.token_requests) >= 3
     assert ticker.ticks > 50
     assert ticker.max_gap < 0.4, ticker.max_gap
 

@@ -849,3 +849,15 @@ async def test_the_python_client_resubscribes_after_a_stream_gap(
         assert json.loads(pub.data) == "after" and pub.offset == 1
         assert sub.position is not None and sub.position.epoch != old.epoch
         assert result["position"]["epoch"] == sub.position.epoch
+
+
+async def test_more_concurrent_commands_than_connections_wait_for_one(
+    make_node: NodeFactory,
+) -> None:
+    """A burst beyond the pool (a reconnect storm) waits for connections instead of
+    failing with redis-py's "Too many connections"."""
+    broker, _ = await make_node(connections_per_instance=4)
+    results = await asyncio.gather(
+        *(broker.publish("burst", b"x", history=BIG) for _ in range(300))
+    )
+    assert sorted(r.position.offset for r in results) == list(range(1, 301))

@@ -29,6 +29,7 @@ from realtime.core.broker import (
     StreamPosition,
     UserStatus,
 )
+from realtime.core.devices import DetachedSession, DetachedStore
 from realtime.core.topics import FilterTrie, filter_matches
 
 _NO_POSITION = StreamPosition(0, "")
@@ -51,6 +52,57 @@ class _Stream:
             entries.popleft()
 
 
+class MemoryDetachedStore(DetachedStore):
+    """Detached sessions of this node's devices, with their expiry (monotonic time)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], tuple[float, DetachedSession]] = {}
+        self._now = time.monotonic
+
+    def _live(self, key: tuple[str, str]) -> DetachedSession | None:
+        found = self._sessions.get(key)
+        if found is None:
+            return None
+        if found[0] <= self._now():
+            del self._sessions[key]
+            return None
+        return found[1]
+
+    async def detach(self, session: DetachedSession, ttl: float) -> None:
+        key = (session.user, session.device)
+        kept = DetachedSession(
+            session.user,
+            session.device,
+            session.state,
+            session.detached_at,
+            dict(session.positions),
+        )
+        self._sessions[key] = (self._now() + ttl, kept)
+        if len(self._sessions) % 1024 == 0:  # drop expired ones now and then
+            for other in [k for k, (until, _) in self._sessions.items() if until <= self._now()]:
+                del self._sessions[other]
+
+    async def get(self, user: str, device: str) -> DetachedSession | None:
+        found = self._live((user, device))
+        if found is None:
+            return None
+        return DetachedSession(
+            found.user, found.device, found.state, found.detached_at, dict(found.positions)
+        )
+
+    async def advance(self, user: str, device: str, positions: dict[str, StreamPosition]) -> None:
+        found = self._live((user, device))
+        if found is not None:
+            for channel, position in positions.items():
+                if channel in found.positions:
+                    found.positions[channel] = position
+
+    async def attach(self, user: str, device: str) -> DetachedSession | None:
+        found = self._live((user, device))
+        self._sessions.pop((user, device), None)
+        return found
+
+
 class MemoryBroker(Broker):
     name = "memory"
     publishes_at_once = True
@@ -59,6 +111,7 @@ class MemoryBroker(Broker):
     def __init__(self) -> None:
         self.node_id = secrets.token_hex(8)
         self.device_registry = MemoryDeviceRegistry()
+        self.detached_sessions = MemoryDetachedStore()
         self._handler: BrokerHandler | None = None
         self._node_info: dict[str, Any] | None = None
         self._streams: dict[str, _Stream] = {}

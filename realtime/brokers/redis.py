@@ -48,6 +48,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from realtime.brokers import redis_scripts as lua
+from realtime.brokers.redis_detached import RedisDetachedStore
 from realtime.brokers.redis_devices import RedisDeviceRegistry
 from realtime.brokers.redis_envelope import (
     PUBLICATION_HEAD,
@@ -166,6 +167,7 @@ class RedisBroker(Broker):
         self._addresses = [Address(url, dict(parse_url(url))) for url in config.redis_urls]
         self.session_store = RedisSessionStore(self)
         self.device_registry = RedisDeviceRegistry(self)
+        self.detached_sessions = RedisDetachedStore(self)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,8 +177,13 @@ class RedisBroker(Broker):
         config = self.config
         shards: list[tuple[str, _Shard]] = []
         for address in self._addresses:
-            client = aioredis.Redis.from_url(
+            # A bounded pool that makes a command wait for a free connection (up to the
+            # command timeout) rather than fail: redis-py's default pool refuses the 101st
+            # concurrent command with "Too many connections" (a reconnect storm does that).
+            pool = aioredis.BlockingConnectionPool.from_url(
                 address.url,
+                max_connections=config.connections_per_instance,
+                timeout=config.command_timeout,
                 socket_connect_timeout=config.connect_timeout,
                 socket_timeout=config.command_timeout,
                 # No silent retries: a publish that may have happened is reported, and the
@@ -184,6 +191,7 @@ class RedisBroker(Broker):
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
             )
+            client = aioredis.Redis(connection_pool=pool)
             pubsub = PubSubShard(
                 address,
                 self._channel_prefix.encode(),
@@ -246,6 +254,7 @@ class RedisBroker(Broker):
         for shard in self._shards:
             await shard.pubsub.close()
             await shard.client.aclose()
+            await shard.client.connection_pool.disconnect()  # ours: aclose leaves it open
         self._handler = None
 
     @property

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from realtime.core.broker import Publication
+from realtime.core.broker import Publication, StreamPosition
 from realtime.core.topics import FilterTrie
 from realtime.core.writer import Outbound
 from realtime.protocol import realtime_pb2 as pb
@@ -75,7 +75,17 @@ class DeltaGroup:
 
 
 class Channel:
-    __slots__ = ("buffering", "deltas", "groups", "last", "name", "size", "typing")
+    __slots__ = (
+        "buffering",
+        "deltas",
+        "epoch",
+        "groups",
+        "last",
+        "name",
+        "offset",
+        "size",
+        "typing",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -86,6 +96,10 @@ class Channel:
         # user -> (client, typing expires at) for typists seen here.
         self.typing: dict[str, tuple[str, float]] | None = None
         self.size = 0
+        # The stream position of the last publication handed to its subscribers (epoch
+        # from the latest subscribe; "" for a channel without history).
+        self.offset = 0
+        self.epoch = ""
 
 
 class Hub:
@@ -182,6 +196,7 @@ class Hub:
         ch = self.channels.get(channel)
         if ch is None:
             return
+        ch.offset = pub.offset
         if ch.deltas is not None:
             self._deliver_with_deltas(ch, channel, pub)
         else:
@@ -247,6 +262,24 @@ class Hub:
         return payload
 
     # ------------------------------------------------------------------ ephemeral events
+
+    def note_position(self, channel: str, top: StreamPosition, delivered: int) -> None:
+        """A subscribe read the stream's `top`; `delivered` is the last offset its
+        subscriber got (the backlog may reach past the top)."""
+        ch = self.channels.get(channel)
+        if ch is None:
+            return
+        if ch.epoch != top.epoch:
+            ch.epoch, ch.offset = top.epoch, delivered
+        elif delivered > ch.offset:
+            ch.offset = delivered
+
+    def position(self, channel: str) -> StreamPosition | None:
+        """Where this node's subscribers of `channel` are, or None when unknown."""
+        ch = self.channels.get(channel)
+        if ch is None or not ch.epoch:
+            return None
+        return StreamPosition(ch.offset, ch.epoch)
 
     def push_event(self, channel: str, reply: pb.Reply, exclude: Outbound | None = None) -> int:
         """Send a push (join, leave, typing) to the channel's live WebSocket subscribers,

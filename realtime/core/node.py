@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from realtime import __version__
 from realtime.auth import Principal, TokenVerifier
 from realtime.config import Config, NamespaceConfig, parse_version
+from realtime.core.background import BackgroundApps
 from realtime.core.broker import (
     TYPING,
     Broker,
@@ -41,7 +42,7 @@ from realtime.core.broker import (
     UserStatus,
 )
 from realtime.core.cluster import Cluster
-from realtime.core.devices import PROVIDERS, DeviceRecord
+from realtime.core.devices import BACKGROUND, DROPPED, PROVIDERS, DeviceRecord
 from realtime.core.hub import Hub, WireFormat
 from realtime.core.positions import PositionTracker
 from realtime.core.presence import PresenceTracker
@@ -155,6 +156,7 @@ class Node:
             request_timeout=config.broker.control_timeout,
         )
         self.handle_control = self.cluster.handle
+        self.background = BackgroundApps(self)
         self.cluster.on("disconnect_user", self._disconnect_user_request)
         # Push tokens unused for push.token_max_idle_days are pruned once a day (first a
         # few minutes after start, so that nodes restarted often still do it).
@@ -226,8 +228,24 @@ class Node:
         self.presence.user_connected(session.principal.user)
         if session.principal.device:  # its push token was used now: off the hot path
             self._device_task(self._touch_device(session.principal.user, session.principal.device))
+        device = session.principal.device
+        if device:  # an app coming back ends its detached session (and a pending wake)
+            self.background.attach_soon(session.principal.user, device)
 
     def unregister(self, session: Session) -> None:
+        principal = session.principal
+        if (
+            principal is not None
+            and principal.device
+            and session.channels
+            and not session.detached
+            and not (self.draining and self.broker.single_node)
+            and session.state >= CONNECTED
+        ):
+            # The socket dropped without app_state: the app may be suspended. Keep its
+            # place (and wake it) as for a backgrounded app. While draining only where
+            # other nodes can serve its polls.
+            self.background.detach_soon(session, DROPPED)
         self.sessions.discard(session)
         self.by_id.pop(session.id, None)
         self.connecting.discard(session)
@@ -387,6 +405,7 @@ class Node:
         result.position.CopyFrom(pb_position(top))
         # Whatever arrived while history was read: keep only what lies past the reply.
         backlog = [pub for pub in buffered if pub.offset > top.offset]
+        self.hub.note_position(channel, top, backlog[-1].offset if backlog else top.offset)
         return result, backlog
 
     async def _join_presence(self, session: Session, ns: Namespace, channel: str) -> None:
@@ -414,6 +433,38 @@ class Node:
         ns = self.namespace(channel)
         if ns.config.presence:
             self.presence.leave(channel, client, ns.config.join_leave)
+
+    def hold_filter(self, topic_filter: str) -> None:
+        """`subscribe_filter` counted at once (the broker subscribes in the background)."""
+        count = self._filter_refs.get(topic_filter, 0)
+        self._filter_refs[topic_filter] = count + 1
+        if count == 0:
+            self.loop.create_task(self.broker.subscribe(topic_filter))
+
+    def delivered_position(self, channel: str) -> StreamPosition | None:
+        """The position of the last publication of `channel` this node delivered."""
+        return self.hub.position(channel)
+
+    async def app_state(
+        self, session: Session, background: bool, given: dict[str, StreamPosition]
+    ) -> pb.AppStateResult:
+        principal = session.principal
+        assert principal is not None
+        if not principal.device:
+            raise ProtocolError(
+                ErrorCode.DEVICE_REQUIRED,
+                "app_state needs a token with a device claim (mint it with device=...)",
+            )
+        if not background:
+            session.detached = False
+            await self.background.attach(principal.user, principal.device)
+            return pb.AppStateResult()
+        positions = await self.background.detach(session, BACKGROUND, given)
+        session.detached = True
+        result = pb.AppStateResult(detach_ttl=int(self.config.background.detach_ttl))
+        for channel, position in positions.items():
+            result.positions[channel].CopyFrom(pb_position(position))
+        return result
 
     async def subscribe_filter(self, topic_filter: str) -> None:
         """Count a filter subscription on this node; the first one subscribes the broker."""
@@ -966,6 +1017,7 @@ class Node:
             check = self._position_check
             if check is None or check.done():  # else the last one still waits for the broker
                 self._position_check = self.loop.create_task(self.check_positions())
+        self.background.tick(now)
         self.presence.tick(now)
         if self.hub.typing_channels:
             self.hub.expire_typing(now)

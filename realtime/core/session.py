@@ -47,6 +47,7 @@ class Session:
         "client_platform",
         "client_version",
         "codec",
+        "detached",
         "expires_at",
         "handshake_token",
         "id",
@@ -83,6 +84,7 @@ class Session:
         self.state = CONNECTING
         self.principal: Principal | None = None
         self.channels: set[str] = set()
+        self.detached = False  # the app said it went to the background (app_state)
         self.queue: list[pb.Command] = []
         self.runner: asyncio.Task[None] | None = None
         self.outbound = Outbound(
@@ -183,6 +185,15 @@ class Session:
                 self.reply(command.id, pb.Reply(typing=pb.TypingResult(throttled=not forwarded)))
             elif kind == "user_status":
                 await self._user_status(command.id, list(command.user_status.users))
+            elif kind == "app_state":
+                app_req = command.app_state
+                given = {
+                    channel: StreamPosition(p.offset, p.epoch)
+                    for channel, p in app_req.positions.items()
+                }
+                background = app_req.state == pb.AppStateRequest.STATE_BACKGROUND
+                app_state = await self.node.app_state(self, background, given)
+                self.reply(command.id, pb.Reply(app_state=app_state))
             elif kind == "register_device":
                 assert self.principal is not None
                 await self.node.register_device(self.principal, command.register_device)

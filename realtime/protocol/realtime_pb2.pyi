@@ -154,16 +154,25 @@ class UserStatusRequest(_message.Message):
     def __init__(self, users: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AppStateRequest(_message.Message):
-    __slots__ = ("state",)
+    __slots__ = ("state", "positions")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
-        FOREGROUND: _ClassVar[AppStateRequest.State]
-        BACKGROUND: _ClassVar[AppStateRequest.State]
-    FOREGROUND: AppStateRequest.State
-    BACKGROUND: AppStateRequest.State
+        STATE_FOREGROUND: _ClassVar[AppStateRequest.State]
+        STATE_BACKGROUND: _ClassVar[AppStateRequest.State]
+    STATE_FOREGROUND: AppStateRequest.State
+    STATE_BACKGROUND: AppStateRequest.State
+    class PositionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StreamPosition
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StreamPosition, _Mapping]] = ...) -> None: ...
     STATE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     state: AppStateRequest.State
-    def __init__(self, state: _Optional[_Union[AppStateRequest.State, str]] = ...) -> None: ...
+    positions: _containers.MessageMap[str, StreamPosition]
+    def __init__(self, state: _Optional[_Union[AppStateRequest.State, str]] = ..., positions: _Optional[_Mapping[str, StreamPosition]] = ...) -> None: ...
 
 class RegisterDeviceRequest(_message.Message):
     __slots__ = ("provider", "token", "environment", "app_id", "platform")

@@ -7,8 +7,9 @@ during one loop tick go out in one `transport.write`. Slow readers are caught by
 transport's own high-water mark (`pause_writing`), at no cost per write. No task per
 connection: an idle connection is this object, the sans-I/O parser and its session.
 
-The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers), and
-carries MQTT over WebSocket (subprotocol `mqtt`) when the MQTT listener is enabled.
+The same port answers plain `GET /healthz` and `GET /readyz` (for load balancers),
+`GET /v1/poll` (backgrounded apps fetch what they missed, `core/poll.py`), and carries MQTT
+over WebSocket (subprotocol `mqtt`) when the MQTT listener is enabled.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,18 +28,31 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from realtime.auth import AuthError
+from realtime.core.broker import BrokerUnavailable, StreamPosition
 from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
+from realtime.core.poll import NoDetachedSession, PollResult, poll
+from realtime.core.replies import pb_publications
 from realtime.core.session import Session
 from realtime.log import event
 from realtime.metrics import Metrics
 from realtime.protocol import realtime_pb2 as pb
-from realtime.protocol.codec import CODECS, JSON, JSON_SUBPROTOCOL, PROTO_SUBPROTOCOL, Codec
+from realtime.protocol.codec import (
+    CODECS,
+    JSON,
+    JSON_SUBPROTOCOL,
+    PROTO_SUBPROTOCOL,
+    Codec,
+    message_to_obj,
+)
+from realtime.protocol.codes import ProtocolError
 from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
 
 log = logging.getLogger("realtime.websocket")
 
 WEBSOCKET_PATH = "/connection/websocket"
+POLL_PATH = "/v1/poll"
 MQTT_PATH = "/mqtt"  # what MQTT-over-WebSocket clients use by default
 MQTT_SUBPROTOCOL = Subprotocol("mqtt")
 SUBPROTOCOLS = [Subprotocol(PROTO_SUBPROTOCOL), Subprotocol(JSON_SUBPROTOCOL)]
@@ -101,6 +115,40 @@ def _handshake_token(request: Request) -> str:
         return auth[7:].strip()
     query = parse_qs(urlsplit(request.path).query)
     return query.get("token", [""])[-1]
+
+
+def _error(code: str, message: str, **more: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **more}}
+
+
+def _poll_query(query: dict[str, list[str]]) -> tuple[float, int, dict[str, StreamPosition]]:
+    """`wait`, `limit` and `since` (repeated `<channel>:<offset>:<epoch>`) of a poll."""
+    try:
+        wait = float(query.get("wait", ["0"])[-1])
+        limit = int(query.get("limit", ["0"])[-1])
+        since: dict[str, StreamPosition] = {}
+        for item in query.get("since", []):
+            channel, offset, epoch = item.rsplit(":", 2)
+            since[channel] = StreamPosition(int(offset), epoch)
+    except ValueError:
+        raise ValueError(
+            "wait is seconds, limit a number, since <channel>:<offset>:<epoch> (repeatable)"
+        ) from None
+    if not wait >= 0 or limit < 0 or any(p.offset < 0 for p in since.values()):
+        raise ValueError("wait, limit and offsets must not be negative")
+    return wait, limit, since
+
+
+def poll_body(result: PollResult) -> dict[str, Any]:
+    channels: dict[str, Any] = {}
+    for channel, found in result.channels.items():
+        pubs = [message_to_obj(p) for p in pb_publications(found.publications)]
+        channels[channel] = {
+            "publications": pubs,
+            "position": {"offset": found.position.offset, "epoch": found.position.epoch},
+            "recovered": found.recovered,
+        }
+    return {"channels": channels, "more": result.more}
 
 
 def _json_response(protocol: ServerProtocol, status: int, body: dict[str, Any]) -> Response:
@@ -221,6 +269,13 @@ class WebSocketConnection(asyncio.Protocol):
         protocol = self.protocol
         node = self.server.node
         path = urlsplit(request.path).path
+        if path == POLL_PATH:
+            if self._timer is not None:  # a long poll may wait longer than a handshake
+                self._timer.cancel()
+            wait_bound = node.config.background.poll_max_wait + node.config.broker.command_timeout
+            self._timer = self.server.loop.call_later(wait_bound + 5.0, self._abort)
+            self.server.spawn(self._poll(request))
+            return
         if path in ("/healthz", "/readyz"):
             ok = path == "/healthz" or node.ready
             response = _json_response(
@@ -272,6 +327,38 @@ class WebSocketConnection(asyncio.Protocol):
             remote=self.remote,
         )
         node.attach(self.session)
+
+    async def _poll(self, request: Request) -> None:
+        node = self.server.node
+        status, body = 200, {}
+        try:
+            principal = node.verifier.verify(_handshake_token(request))
+            wait, limit, since = _poll_query(parse_qs(urlsplit(request.path).query))
+            body = poll_body(await poll(node, principal, since, wait=wait, limit=limit))
+            node.metrics.polls["ok" if body["channels"] else "empty"] += 1
+        except AuthError as exc:
+            status, body = 401, _error("unauthorized", str(exc))
+        except ValueError as exc:
+            status, body = 400, _error("bad_request", str(exc))
+        except NoDetachedSession as exc:
+            status, body = 404, _error("no_detached_session", exc.message)
+        except ProtocolError as exc:
+            status, body = 400, _error(exc.code.name.lower(), exc.message)
+        except BrokerUnavailable as exc:
+            retry_ms = int(exc.retry_after * 1000)
+            status, body = 503, _error("unavailable", str(exc), retry_after_ms=retry_ms)
+        except Exception:
+            log.exception("poll_failed")
+            status, body = 500, _error("internal", "internal error")
+        if status != 200:
+            node.metrics.polls[f"error_{status}"] += 1
+        if self.transport is None or self.transport.is_closing():
+            return  # the app gave up waiting
+        self.protocol.send_response(_json_response(self.protocol, status, body))
+        self._write_protocol_output()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.server.loop.call_later(CLOSE_TIMEOUT, self._abort)
 
     # ------------------------------------------------------------------ frames
 
@@ -346,6 +433,13 @@ class WebSocketServer:
         origins = node.config.server.allowed_origins
         self.origins: list[Any] | None = [*origins, None] if origins else None
         self._server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A task of a connection's (a poll), kept referenced until it ends."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def carry_mqtt(self, mqtt: MqttServer) -> None:
         """Accept MQTT over WebSocket (subprotocol `mqtt`) for this MQTT server."""

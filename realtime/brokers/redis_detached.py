@@ -1,0 +1,100 @@
+"""Detached sessions of backgrounded apps in Redis (`DetachedStore`), for every node.
+
+One hash per device, on the instance its user hashes to: ``p:dd:<user> <device>`` with
+``_`` = msgpack ``[state, detached_at]`` and ``c:<channel>`` = msgpack ``[offset, epoch]``
+per channel; PEXPIRE `background.detach_ttl`. A poll on any node reads and advances it;
+coming back to the foreground deletes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from realtime.core.broker import StreamPosition
+from realtime.core.devices import DetachedSession, DetachedStore
+
+if TYPE_CHECKING:
+    from realtime.brokers.redis import RedisBroker
+
+# KEYS: session hash; ARGV: field, value, ... -> advances only channels it keeps
+ADVANCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"""
+
+
+def _session(user: str, device: str, fields: dict[bytes, bytes]) -> DetachedSession | None:
+    head = fields.get(b"_")
+    if head is None:
+        return None
+    state, detached_at = msgpack.unpackb(head)
+    positions: dict[str, StreamPosition] = {}
+    for name, value in fields.items():
+        if name.startswith(b"c:"):
+            offset, epoch = msgpack.unpackb(value)
+            positions[name[2:].decode()] = StreamPosition(int(offset), str(epoch))
+    return DetachedSession(user, device, str(state), float(detached_at), positions)
+
+
+def _position_fields(positions: dict[str, StreamPosition]) -> dict[str, bytes]:
+    return {f"c:{c}": msgpack.packb([p.offset, p.epoch]) for c, p in positions.items()}
+
+
+class RedisDetachedStore(DetachedStore):
+    def __init__(self, broker: RedisBroker) -> None:
+        self.broker = broker
+        self._advance: Any = None
+
+    def _key(self, user: str, device: str) -> str:
+        return f"{self.broker.key_prefix}dd:{user} {device}"
+
+    async def detach(self, session: DetachedSession, ttl: float) -> None:
+        broker = self.broker
+        shard = broker.shard_of(session.user)
+        key = self._key(session.user, session.device)
+        mapping: dict[str, bytes] = {"_": msgpack.packb([session.state, session.detached_at])}
+        mapping.update(_position_fields(session.positions))
+        pipe = shard.client.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        pipe.pexpire(key, max(1, int(ttl * 1000)))
+        await broker.guard(shard, pipe.execute())
+
+    async def get(self, user: str, device: str) -> DetachedSession | None:
+        broker = self.broker
+        shard = broker.shard_of(user)
+        fields: Any = await broker.guard(shard, shard.client.hgetall(self._key(user, device)))
+        return _session(user, device, fields)
+
+    async def advance(self, user: str, device: str, positions: dict[str, StreamPosition]) -> None:
+        if not positions:
+            return
+        broker = self.broker
+        shard = broker.shard_of(user)
+        if self._advance is None:
+            self._advance = shard.client.register_script(ADVANCE)
+        args: list[Any] = []
+        for name, value in _position_fields(positions).items():
+            args += [name, value]
+        await broker.guard(
+            shard, self._advance(keys=[self._key(user, device)], args=args, client=shard.client)
+        )
+
+    async def attach(self, user: str, device: str) -> DetachedSession | None:
+        broker = self.broker
+        shard = broker.shard_of(user)
+        key = self._key(user, device)
+        pipe = shard.client.pipeline(transaction=True)
+        pipe.hgetall(key)
+        pipe.delete(key)
+        fields, _ = await broker.guard(shard, pipe.execute())
+        return _session(user, device, fields)

@@ -1,0 +1,294 @@
+"""Backgrounded apps: detached sessions and the wakes that bring them back.
+
+A mobile app in the background (the `app_state` command) or whose socket dropped is
+*detached*: its channels and the position it has of each are kept in the broker's
+`DetachedStore` for `background.detach_ttl`, so a poll on any node can serve it. On the
+node where it detached, a `DetachedDevice` stands in for it in the hub, on the channels of
+namespaces with `push = true`: a publication there arms one wake after
+`background.wake_delay`; later ones only move the cursor. When the wake is due the node
+checks that the app is still away (it may have come back through another node), spends
+one of the device's `background.wakes_per_hour`, and hands one silent push per registered
+token to the push sender: no message content, only a hint to sync. A namespace with
+`push_notification` sends that generic text as a visible notification instead, collapsed
+per channel, except during its quiet hours.
+
+Coming back (foreground, or a new connection of the same user and device) attaches the
+app again: the detached session ends and a pending wake is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+
+from realtime.config import parse_quiet_hours
+from realtime.core.broker import BrokerUnavailable, Publication, StreamPosition
+from realtime.core.devices import DetachedSession, DeviceRecord
+from realtime.log import event
+
+if TYPE_CHECKING:
+    from realtime.core.node import Node
+    from realtime.core.session import Session
+    from realtime.push.messages import Wake
+
+log = logging.getLogger("realtime.background")
+
+HOUR = 3600.0
+WAKE_TTL = 3600  # seconds a provider keeps trying to deliver a wake
+
+
+class WakeSink(Protocol):
+    def submit(self, wake: Wake) -> bool: ...
+
+
+class DetachedDevice:
+    """A detached app in the hub: a filter member on its push channels (exact names)."""
+
+    __slots__ = ("apps", "channels", "cursor", "detached_at", "device", "pending", "user")
+
+    def __init__(self, apps: BackgroundApps, user: str, device: str, detached_at: float) -> None:
+        self.apps = apps
+        self.user = user
+        self.device = device
+        self.detached_at = detached_at
+        self.channels: tuple[str, ...] = ()
+        self.pending: asyncio.TimerHandle | None = None
+        self.cursor: tuple[str, int] | None = None  # the latest publication: channel, offset
+
+    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
+        self.apps.published(self, channel, pub)
+
+
+def in_quiet_hours(spec: str, now: float) -> bool:
+    hours = parse_quiet_hours(spec) if spec else None
+    if hours is None:
+        return False
+    start, end = hours
+    minute = int(now // 60) % 1440  # UTC
+    return start <= minute < end if start <= end else minute >= start or minute < end
+
+
+class BackgroundApps:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.config = node.config.background
+        self.sink: WakeSink | None = None  # the push sender, when providers are configured
+        self.local: dict[tuple[str, str], DetachedDevice] = {}
+        self._spent: dict[tuple[str, str], deque[float]] = {}  # wake times in the last hour
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.wall_time = time.time
+        self.counts = node.metrics.wakes
+
+    # ------------------------------------------------------------------ detach, attach
+
+    def positions_of(
+        self, session: Session, given: dict[str, StreamPosition] | None
+    ) -> dict[str, StreamPosition]:
+        """What the app has of each of its channels: its own word first, else the last
+        position this node delivered (StreamPosition(0, "") without history)."""
+        node = self.node
+        positions: dict[str, StreamPosition] = {}
+        for channel in session.channels:
+            position = (given or {}).get(channel) or node.delivered_position(channel)
+            positions[channel] = position or StreamPosition(0, "")
+        return positions
+
+    async def detach(
+        self,
+        session: Session,
+        state: str,
+        given: dict[str, StreamPosition] | None = None,
+    ) -> dict[str, StreamPosition]:
+        """The app went away (`state`): keep its session, stand in for it here."""
+        principal = session.principal
+        assert principal is not None and principal.device
+        user, device = principal.user, principal.device
+        now = self.wall_time()
+        positions = self.positions_of(session, given)
+        self.watch(user, device, now, list(positions))
+        await self.node.broker.detached_sessions.detach(
+            DetachedSession(user, device, state, now, positions), self.config.detach_ttl
+        )
+        event(
+            log,
+            "app_detached",
+            logging.DEBUG,
+            user=user,
+            device=device,
+            state=state,
+            channels=len(positions),
+        )
+        return positions
+
+    def detach_soon(self, session: Session, state: str) -> None:
+        """`detach` for a session that is going away now: its positions are taken at
+        once, the store is written in the background."""
+
+        async def run() -> None:
+            try:
+                await self.node.broker.detached_sessions.detach(detached, self.config.detach_ttl)
+            except BrokerUnavailable as exc:
+                event(log, "detach_failed", logging.WARNING, user=detached.user, error=str(exc))
+
+        principal = session.principal
+        assert principal is not None and principal.device
+        now = self.wall_time()
+        detached = DetachedSession(
+            principal.user, principal.device, state, now, self.positions_of(session, None)
+        )
+        self.watch(detached.user, detached.device, now, list(detached.positions))
+        self._spawn(run())
+
+    def watch(self, user: str, device: str, detached_at: float, channels: list[str]) -> None:
+        """Stand in for the app in the hub on its push channels (replacing an older one)."""
+        node = self.node
+        self.forget(user, device)
+        member = DetachedDevice(self, user, device, detached_at)
+        member.channels = tuple(c for c in channels if node.namespace(c).config.push)
+        if not member.channels:
+            return
+        self.local[(user, device)] = member
+        for channel in member.channels:
+            node.hub.add_filter(channel, member, None)
+            node.hold_filter(channel)
+
+    def forget(self, user: str, device: str) -> bool:
+        """Stop standing in for the app here; True when a wake was pending."""
+        member = self.local.pop((user, device), None)
+        if member is None:
+            return False
+        pending = member.pending is not None
+        if member.pending is not None:
+            member.pending.cancel()
+            member.pending = None
+        node = self.node
+        for channel in member.channels:
+            node.hub.remove_filter(channel, member)
+            self._spawn(node.unsubscribe_filter(channel))
+        return pending
+
+    async def attach(self, user: str, device: str) -> DetachedSession | None:
+        """The app is back (foreground, or connected again): end its detached session."""
+        if self.forget(user, device):
+            self.counts["cancelled"] += 1
+        found = await self.node.broker.detached_sessions.attach(user, device)
+        if found is not None:
+            event(log, "app_attached", logging.DEBUG, user=user, device=device)
+        return found
+
+    def attach_soon(self, user: str, device: str) -> None:
+        async def run() -> None:
+            with contextlib.suppress(BrokerUnavailable):  # its wake checks the store anyway
+                await self.attach(user, device)
+
+        self._spawn(run())
+
+    # ------------------------------------------------------------------ wakes
+
+    def published(self, member: DetachedDevice, channel: str, pub: Publication) -> None:
+        member.cursor = (channel, pub.offset)
+        if member.pending is not None:
+            self.counts["coalesced"] += 1
+            return
+        self.counts["armed"] += 1
+        member.pending = self.node.loop.call_later(self.config.wake_delay, self._due, member)
+
+    def _due(self, member: DetachedDevice) -> None:
+        member.pending = None
+        self._spawn(self._wake(member))
+
+    async def _wake(self, member: DetachedDevice) -> None:
+        try:
+            await self._wake_now(member)
+        except Exception:
+            log.exception("wake_failed", extra={"fields": {"user": member.user}})
+
+    async def _wake_now(self, member: DetachedDevice) -> None:
+        key = (member.user, member.device)
+        node = self.node
+        try:
+            stored = await node.broker.detached_sessions.get(member.user, member.device)
+            if stored is None or stored.detached_at != member.detached_at:
+                # Back (maybe through another node), or detached again elsewhere.
+                if self.local.get(key) is member:
+                    self.forget(member.user, member.device)
+                self.counts["cancelled"] += 1
+                return
+            if not self._spend(key):
+                self.counts["over_budget"] += 1
+                return
+            record = await node.broker.device_registry.device(member.user, member.device)
+        except BrokerUnavailable as exc:
+            event(log, "wake_failed", logging.WARNING, user=member.user, error=str(exc))
+            return
+        if record is None:
+            self.counts["no_token"] += 1
+            return
+        channel = member.cursor[0] if member.cursor else member.channels[0]
+        wake = self.wake_for(record, channel)
+        sink = self.sink
+        if sink is not None and sink.submit(wake):
+            self.counts["sent"] += 1
+            event(log, "wake_sent", logging.DEBUG, user=member.user, device=member.device)
+
+    def _spend(self, key: tuple[str, str]) -> bool:
+        """One wake of the device's hourly budget, if any is left."""
+        budget = self.config.wakes_per_hour
+        now = self.node.loop.time()
+        spent = self._spent.get(key)
+        if spent is None:
+            spent = self._spent[key] = deque()
+        while spent and spent[0] <= now - HOUR:
+            spent.popleft()
+        if len(spent) >= budget:
+            return False
+        spent.append(now)
+        return True
+
+    def wake_for(self, record: DeviceRecord, channel: str) -> Wake:
+        from realtime.push.messages import Wake
+
+        ns = self.node.namespace(channel).config
+        visible = bool(ns.push_notification) and not in_quiet_hours(
+            ns.push_quiet_hours, self.wall_time()
+        )
+        return Wake(
+            provider=record.provider,
+            token=record.token,
+            environment=record.environment,
+            app_id=record.app_id,
+            platform=record.platform,
+            kind="visible" if visible else "silent",
+            # One notification per channel on the device; the id says nothing of it.
+            collapse_id="ch-" + hashlib.blake2b(channel.encode(), digest_size=8).hexdigest()
+            if visible
+            else "sync",
+            hint={"t": "sync"},
+            title="",
+            body=ns.push_notification if visible else "",
+            ttl=WAKE_TTL,
+            registered_at=record.registered_at,
+        )
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def tick(self, now: float) -> None:
+        """Once a second: stop standing in for apps whose detached session expired."""
+        horizon = self.wall_time() - self.config.detach_ttl
+        for key in [k for k, m in self.local.items() if m.detached_at < horizon]:
+            self.forget(*key)
+        if len(self._spent) > 2 * len(self.local) + 1000:
+            cutoff = self.node.loop.time() - HOUR
+            for key in [k for k, s in self._spent.items() if not s or s[-1] <= cutoff]:
+                del self._spent[key]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.node.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,142 @@
+"""Polling by backgrounded apps: what they missed on their channels, over plain HTTP.
+
+`GET /v1/poll` (transports/websocket.py) lands here. The app's detached session says
+which channels it had and the position it has of each (the app may send fresher ones:
+its own word wins). For every channel that keeps history, the publications after that
+position come back in stream order, at most `limit` in all, with the next position; a
+channel whose history no longer covers the gap (or whose stream was reset: another epoch)
+says `recovered=false` with the current position, as a recovering subscribe would. These
+are the publications and offsets the socket would have delivered (never as deltas), so
+an app that dedupes by offset gets each once, and its foreground reconnect recovers from
+the positions it polled to. The positions reached are written back, so the next poll
+(without positions) goes on from there.
+
+With `wait`, a poll that finds nothing waits (up to `background.poll_max_wait`) for a
+publication on those channels, then reads once more: long polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from realtime.auth import Principal
+from realtime.core.broker import Publication, StreamPosition
+from realtime.protocol.codes import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from realtime.core.node import Node
+
+
+@dataclass(slots=True)
+class ChannelPoll:
+    publications: list[Publication]
+    position: StreamPosition  # where the next poll starts (the last one returned, or top)
+    recovered: bool  # False: history does not reach back to the app's position
+
+
+@dataclass(slots=True)
+class PollResult:
+    channels: dict[str, ChannelPoll] = field(default_factory=dict)
+    more: bool = False  # the limit was reached: poll again right away
+
+
+class _Waiter:
+    """A poll waiting for any publication on its channels (a hub filter member)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
+        self.event.set()
+
+
+class NoDetachedSession(ProtocolError):
+    """The app has no detached session: it is in the foreground, or it expired."""
+
+
+async def poll(
+    node: Node,
+    principal: Principal,
+    since: dict[str, StreamPosition],
+    *,
+    wait: float = 0.0,
+    limit: int = 0,
+) -> PollResult:
+    if not principal.device:
+        raise ProtocolError(
+            ErrorCode.DEVICE_REQUIRED, "poll needs a token with a device claim (device=...)"
+        )
+    config = node.config.background
+    limit = min(limit or config.poll_page_size, config.poll_page_size)
+    wait = min(max(wait, 0.0), config.poll_max_wait)
+    store = node.broker.detached_sessions
+    detached = await store.get(principal.user, principal.device)
+    if detached is None:
+        raise NoDetachedSession(
+            ErrorCode.NOT_AVAILABLE,
+            "no detached session for this device: it is in the foreground or its session "
+            "expired; reconnect and subscribe with recovery",
+        )
+    positions = {
+        channel: since.get(channel, position)
+        for channel, position in detached.positions.items()
+        if node.namespace(channel).history is not None and node.may_subscribe(principal, channel)
+    }
+    result = await _read(node, positions, limit)
+    if wait and not any(c.publications for c in result.channels.values()) and positions:
+        waiter = _Waiter()
+        for channel in positions:
+            node.hub.add_filter(channel, waiter, None)
+            node.hold_filter(channel)
+        try:
+            # Read again after subscribing: a publication between the first read and the
+            # subscription would otherwise be waited for in vain.
+            result = await _read(node, positions, limit)
+            if not any(c.publications for c in result.channels.values()):
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), wait)
+                except TimeoutError:
+                    pass
+                else:
+                    result = await _read(node, positions, limit)
+        finally:
+            for channel in positions:
+                node.hub.remove_filter(channel, waiter)
+                await node.unsubscribe_filter(channel)
+    reached = {channel: c.position for channel, c in result.channels.items()}
+    await store.advance(principal.user, principal.device, reached)
+    return result
+
+
+async def _read(node: Node, positions: dict[str, StreamPosition], limit: int) -> PollResult:
+    result = PollResult()
+    left = limit
+    for channel, position in sorted(positions.items()):
+        policy = node.namespace(channel).history
+        assert policy is not None
+        if left <= 0:
+            result.more = True
+            result.channels[channel] = ChannelPoll([], position, True)
+            continue
+        history = await node.broker.history(channel, policy, since=position)
+        top = history.position
+        pubs = history.publications
+        if (
+            position.epoch != top.epoch
+            or position.offset > top.offset
+            or (len(pubs) != top.offset - position.offset)
+        ):
+            # History does not reach back to the app's position: it must reload.
+            result.channels[channel] = ChannelPoll([], top, False)
+            continue
+        if len(pubs) > left:
+            pubs = pubs[:left]
+            result.more = True
+        left -= len(pubs)
+        reached = StreamPosition(pubs[-1].offset, top.epoch) if pubs else top
+        result.channels[channel] = ChannelPoll(pubs, reached, True)
+    return result

@@ -1,0 +1,235 @@
+"""Backgrounded apps over real sockets (issue #6): app_state and dropped sockets detach the
+device's session, GET /v1/poll serves what it missed on the public port, coming back
+attaches it again. The silent pushes themselves are in tests/test_push_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from realtime.app import Gateway
+from realtime.protocol import realtime_pb2 as pb
+
+from .conftest import GatewayFactory, RawClient, api_post, make_token
+
+CHAT = {"history_size": 100, "push": True, "publish": "token"}
+BACKGROUND = {"wake_delay": 0.3, "poll_max_wait": 5.0, "poll_page_size": 3}
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> Gateway:
+    return await make_gateway(namespaces={"chat": CHAT}, background=BACKGROUND)
+
+
+def phone_token(user: str = "alice", device: str = "phone-1") -> str:
+    return make_token(user, device=device)
+
+
+async def http_poll(
+    gateway: Gateway, token: str | None, query: str = "", timeout: float = 10.0
+) -> tuple[int, dict[str, Any]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.websocket.port)
+    auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
+    writer.write(
+        f"GET /v1/poll{'?' + query if query else ''} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode().split("\r\n")
+    length = next(int(h.split(":")[1]) for h in lines if h.lower().startswith("content-length"))
+    body = await asyncio.wait_for(reader.readexactly(length), timeout)
+    writer.close()
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+async def publish(gateway: Gateway, channel: str, n: int) -> None:
+    status, body = await api_post(gateway, "publish", {"channel": channel, "data": {"n": n}})
+    assert status == 200, body
+
+
+def datas(channel_poll: dict[str, Any]) -> list[int]:
+    return [p["data"]["n"] for p in channel_poll["publications"]]
+
+
+async def background(client: RawClient, **positions: Any) -> pb.AppStateResult:
+    reply = await client.request(
+        app_state=pb.AppStateRequest(state=pb.AppStateRequest.STATE_BACKGROUND, positions=positions)
+    )
+    assert not reply.HasField("error"), reply.error
+    return reply.app_state
+
+
+async def test_background_poll_and_foreground_recovery(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    app = await RawClient.open(gateway, token=phone_token())
+    clients.append(app)
+    await app.subscribe("chat/room")
+    await publish(gateway, "chat/room", 0)
+    first = await app.publication()
+    state = await background(app)
+    assert state.positions["chat/room"].offset == first.pub.offset == 1
+    assert state.detach_ttl == 86400
+    await app.close()
+    for n in range(1, 6):
+        await publish(gateway, "chat/room", n)
+    # Pages of 3 (poll_page_size), in order, with the next position; then nothing more.
+    status, body = await http_poll(gateway, phone_token())
+    assert status == 200 and body["more"] is True
+    room = body["channels"]["chat/room"]
+    assert datas(room) == [1, 2, 3] and room["recovered"] is True
+    assert [p["offset"] for p in room["publications"]] == [2, 3, 4]
+    status, body = await http_poll(gateway, phone_token())
+    assert datas(body["channels"]["chat/room"]) == [4, 5] and body["more"] is False
+    reached = body["channels"]["chat/room"]["position"]
+    status, body = await http_poll(gateway, phone_token())
+    assert datas(body["channels"]["chat/room"]) == []
+    # Foreground: reconnect and recover from what was polled: nothing twice.
+    back = await RawClient.open(gateway, token=phone_token())
+    clients.append(back)
+    await publish(gateway, "chat/room", 6)
+    since = pb.StreamPosition(offset=reached["offset"], epoch=reached["epoch"])
+    result = await back.subscribe("chat/room", recover=True, since=since)
+    assert result.recovered and [p.offset for p in result.publications] == [7]
+    # Attached again: its detached session is gone.
+    status, body = await http_poll(gateway, phone_token())
+    assert status == 404 and body["error"]["code"] == "no_detached_session"
+
+
+async def test_dropped_socket_detaches_and_app_positions_win(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    app = await RawClient.open(gateway, token=phone_token(device="tab"))
+    await app.subscribe("chat/a")
+    await app.subscribe("chat/b")
+    for n in range(3):
+        await publish(gateway, "chat/a", n)
+    for _ in range(3):
+        await app.publication()
+    await app.close()  # no app_state: the socket just went
+    await publish(gateway, "chat/a", 3)
+    await publish(gateway, "chat/b", 10)
+    await asyncio.sleep(0.1)
+    status, body = await http_poll(gateway, phone_token(device="tab"))
+    assert status == 200
+    assert datas(body["channels"]["chat/a"]) == [3]
+    assert datas(body["channels"]["chat/b"]) == [10]
+    # The app's own positions win over the stored ones (it may have missed a reply).
+    epoch = body["channels"]["chat/a"]["position"]["epoch"]
+    query = "since=" + quote(f"chat/a:2:{epoch}")
+    status, body = await http_poll(gateway, phone_token(device="tab"), query)
+    assert datas(body["channels"]["chat/a"]) == [2, 3]
+    # A position from another epoch (or beyond history): recovered=false, reload.
+    status, body = await http_poll(
+        gateway, phone_token(device="tab"), "since=" + quote("chat/a:1:other")
+    )
+    assert body["channels"]["chat/a"]["recovered"] is False
+    assert body["channels"]["chat/a"]["publications"] == []
+
+
+async def test_long_poll_waits_for_a_publication(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    app = await RawClient.open(gateway, token=phone_token(device="w"))
+    clients.append(app)
+    await app.subscribe("chat/wait")
+    await background(app)
+    poll = asyncio.create_task(http_poll(gateway, phone_token(device="w"), "wait=5"))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    await publish(gateway, "chat/wait", 42)
+    status, body = await asyncio.wait_for(poll, 5)
+    assert status == 200 and datas(body["channels"]["chat/wait"]) == [42]
+    # Nothing comes: the poll answers empty after its wait.
+    status, body = await http_poll(gateway, phone_token(device="w"), "wait=0.3")
+    assert status == 200 and datas(body["channels"]["chat/wait"]) == []
+
+
+async def test_foreground_on_the_same_socket_ends_the_detached_session(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    app = await RawClient.open(gateway, token=phone_token(device="fg"))
+    clients.append(app)
+    await app.subscribe("chat/fg")
+    await background(app)
+    assert (await http_poll(gateway, phone_token(device="fg")))[0] == 200
+    reply = await app.request(
+        app_state=pb.AppStateRequest(state=pb.AppStateRequest.STATE_FOREGROUND)
+    )
+    assert not reply.HasField("error")
+    assert (await http_poll(gateway, phone_token(device="fg")))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("token", "query", "status", "code"),
+    [
+        (None, "", 401, "unauthorized"),
+        ("not-a-jwt", "", 401, "unauthorized"),
+        ("no-device", "", 400, "device_required"),
+        ("phone", "wait=abc", 400, "bad_request"),
+        ("phone", "limit=-1", 400, "bad_request"),
+        ("phone", "since=nocolons", 400, "bad_request"),
+        ("phone", "since=" + quote("chat/x:-5:e"), 400, "bad_request"),
+        ("phone", "", 404, "no_detached_session"),
+    ],
+)
+async def test_poll_answers_bad_input_with_json_errors(
+    gateway: Gateway, token: str | None, query: str, status: int, code: str
+) -> None:
+    real = {"no-device": make_token("alice"), "phone": phone_token(device="bad")}.get(
+        token or "", token
+    )
+    got_status, body = await http_poll(gateway, real, query)
+    assert (got_status, body["error"]["code"]) == (status, code)
+    # The public port goes on serving.
+    assert (await http_poll(gateway, None))[0] == 401
+
+
+async def test_app_state_needs_a_device_claim(gateway: Gateway, clients: list[RawClient]) -> None:
+    app = await RawClient.open(gateway, token=make_token("alice"))
+    clients.append(app)
+    reply = await app.request(
+        app_state=pb.AppStateRequest(state=pb.AppStateRequest.STATE_BACKGROUND)
+    )
+    assert reply.error.code == 118  # DEVICE_REQUIRED
+    await app.subscribe("chat/still-fine")
+
+
+async def test_readme_json_lines(gateway: Gateway, clients: list[RawClient]) -> None:
+    """The README's app_state line, as an app sends it over the JSON subprotocol."""
+    app = await RawClient.open(gateway, token=phone_token(device="json"), fmt="json")
+    clients.append(app)
+    await app.subscribe("chat/room1")
+    await app.ws.send(
+        '{"id":7,"app_state":{"state":"background","positions":'
+        '{"chat/room1":{"offset":41,"epoch":"a1b2"}}}}'
+    )
+    reply = await app.reply(7)
+    assert reply.app_state.detach_ttl == 86400
+    assert reply.app_state.positions["chat/room1"].offset == 41
+    await app.ws.send('{"id":8,"app_state":{"state":"foreground"}}')
+    assert not (await app.reply(8)).HasField("error")
+
+
+@pytest.mark.parametrize(
+    ("spec", "hhmm", "quiet"),
+    [
+        ("22:00-07:00", "23:00", True),
+        ("22:00-07:00", "06:59", True),
+        ("22:00-07:00", "07:00", False),
+        ("22:00-07:00", "12:00", False),
+        ("09:00-17:00", "10:30", True),
+        ("09:00-17:00", "17:00", False),
+        ("", "03:00", False),
+        ("garbage", "03:00", False),
+    ],
+)
+def test_quiet_hours(spec: str, hhmm: str, quiet: bool) -> None:
+    from realtime.core.background import in_quiet_hours
+
+    hours, minutes = map(int, hhmm.split(":"))
+    day = 1_795_392_000  # a UTC midnight
+    assert in_quiet_hours(spec, day + hours * 3600 + minutes * 60) is quiet
