@@ -53,10 +53,13 @@ class Gateway:
             return None
         registry = self.node.broker.device_registry
 
-        async def token_invalid(provider: str, token: str, reason: str) -> None:
+        async def token_invalid(
+            provider: str, token: str, reason: str, registered_before: float
+        ) -> None:
+            removed = False
             with contextlib.suppress(BrokerUnavailable):  # else the next wake finds it again
-                await registry.remove_token(provider, token)
-            event(log, "push_token_removed", provider=provider, reason=reason)
+                removed = await registry.remove_token(provider, token, registered_before)
+            event(log, "push_token_removed", provider=provider, reason=reason, removed=removed)
 
         sender = PushSender.from_config(
             self.config.push, self.node.metrics, on_token_invalid=token_invalid

@@ -195,6 +195,10 @@ class ApnsConfig:
     cert_file: str = ""
     # The app's bundle id (apns-topic); a device registered with an app id uses its own.
     topic: str = ""
+    # "host:port" to send to instead of Apple's servers (an egress proxy, a test server);
+    # ca_file: PEM CA certificates trusted for it instead of the system's.
+    endpoint: str = ""
+    ca_file: str = ""
 
     @property
     def configured(self) -> bool:
@@ -207,6 +211,9 @@ class FcmConfig:
     service_account_file: str = ""
     # "" = the project_id in that file.
     project_id: str = ""
+    # Base URL to send to instead of https://fcm.googleapis.com (an egress proxy, a test
+    # server). The OAuth token endpoint is the file's token_uri.
+    endpoint: str = ""
 
     @property
     def configured(self) -> bool:
@@ -641,7 +648,26 @@ def _validate_push(push: PushConfig, need: Callable[[bool, str, str], None]) -> 
             "push.apns.topic",
             "set the app's bundle id (for example com.example.app)",
         )
+    if apns.endpoint:
+        host, _, port = apns.endpoint.rpartition(":")
+        need(
+            bool(host) and port.isdigit() and 0 < int(port) < 65536,
+            "push.apns.endpoint",
+            f"{apns.endpoint!r} is not host:port (for example apns-proxy.internal:443)",
+        )
+    if apns.ca_file:
+        need(
+            Path(apns.ca_file).is_file(),
+            "push.apns.ca_file",
+            f"{apns.ca_file!r} is not a file: give a PEM file of CA certificates",
+        )
     fcm = push.fcm
+    if fcm.endpoint:
+        need(
+            fcm.endpoint.startswith(("https://", "http://")),
+            "push.fcm.endpoint",
+            f"{fcm.endpoint!r} is not a URL (for example https://fcm-proxy.internal)",
+        )
     if fcm.service_account_file:
         problem, project = _service_account_error(fcm.service_account_file)
         need(problem is None, "push.fcm.service_account_file", str(problem))

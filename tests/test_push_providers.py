@@ -798,10 +798,13 @@ async def test_token_invalid_callback_once_per_bad_token(
     fake_fcm.answer("unreg", FCM_UNREGISTERED)
     fake_fcm.answer("malformed", FCM_BAD_TOKEN)
     removed: list[tuple[str, str, str]] = []
+    registered_before: dict[str, float] = {}
+    started = time.time()
 
-    async def on_token_invalid(provider: str, token: str, reason: str) -> None:
+    async def on_token_invalid(provider: str, token: str, reason: str, before: float) -> None:
         await asyncio.sleep(0)
         removed.append((provider, token, reason))
+        registered_before[token] = before
 
     sender = PushSender(
         [apns_provider(fake_apns, push_pki), fcm_provider(fake_fcm, fcm_credentials)],
@@ -830,6 +833,11 @@ async def test_token_invalid_callback_once_per_bad_token(
         ("fcm", "malformed", "INVALID_ARGUMENT"),
         ("fcm", "unreg", "UNREGISTERED"),
     ]
+    # Only registrations older than APNs' 410 timestamp go (a newer one is the app's again);
+    # without a timestamp, those older than the send.
+    assert registered_before["gone"] == pytest.approx(invalidated, abs=0.001)
+    for token in ("bad", "unreg", "malformed"):
+        assert started <= registered_before[token] <= time.time()
     metrics = sender.metrics
     assert metrics.push_tokens_removed == {"apns": 2, "fcm": 2}
     assert metrics.push_sent == {"apns": 1, "fcm": 1}

@@ -76,7 +76,10 @@ def outcome_for(
                 f"token registered after APNs invalidated it ({timestamp} ms): kept",
                 status,
             )
-        return PushOutcome.token_invalid(reason or "Unregistered", status=status)
+        since = timestamp / 1000 if timestamp is not None else 0.0
+        return PushOutcome.token_invalid(
+            reason or "Unregistered", status=status, invalid_since=since
+        )
     if status == 400 and reason in TOKEN_REASONS:
         return PushOutcome.token_invalid(reason, status=status)
     if reason in CONFIG_REASONS or status in (403, 413):
@@ -194,6 +197,15 @@ class ApnsProvider:
     @classmethod
     def from_config(cls, config: ApnsConfig, deadline: float) -> ApnsProvider:
         """From `PushConfig.apns`."""
+        host: str | None = None
+        port: int | None = None
+        if config.endpoint:
+            host, _, port_text = config.endpoint.rpartition(":")
+            port = int(port_text)
+        context: ssl.SSLContext | None = None
+        if config.ca_file:
+            context = ssl.create_default_context(cafile=config.ca_file)
+            context.set_alpn_protocols(["h2"])
         return cls(
             topic=config.topic,
             key_file=config.key_file,
@@ -201,6 +213,9 @@ class ApnsProvider:
             team_id=config.team_id,
             cert_file=config.cert_file,
             deadline=deadline,
+            host=host,
+            port=port,
+            ssl_context=context,
         )
 
     async def start(self) -> None:

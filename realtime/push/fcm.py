@@ -215,6 +215,7 @@ class FcmProvider:
             service_account_file=config.service_account_file,
             project_id=config.project_id,
             deadline=deadline,
+            endpoint=config.endpoint or None,
         )
 
     async def start(self) -> None:

@@ -86,14 +86,21 @@ class PushOutcome:
     detail: str = ""
     retry_after: float | None = None  # RETRY: seconds the provider asked us to wait
     status: int = 0  # the HTTP status when there was one
+    # TOKEN_INVALID: unix time the provider found the token invalid (APNs 410 timestamp),
+    # 0 = unknown. A registration after it is a new one and stays.
+    invalid_since: float = 0.0
 
     @classmethod
     def sent(cls, status: int = 200) -> PushOutcome:
         return cls(Outcome.SENT, status=status)
 
     @classmethod
-    def token_invalid(cls, reason: str, detail: str = "", status: int = 0) -> PushOutcome:
-        return cls(Outcome.TOKEN_INVALID, reason, detail, status=status)
+    def token_invalid(
+        cls, reason: str, detail: str = "", status: int = 0, invalid_since: float = 0.0
+    ) -> PushOutcome:
+        return cls(
+            Outcome.TOKEN_INVALID, reason, detail, status=status, invalid_since=invalid_since
+        )
 
     @classmethod
     def retry(

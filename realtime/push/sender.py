@@ -8,8 +8,11 @@
 - Temporary failures and configuration errors count against the provider's
   `CircuitBreaker`; while it is open that provider's wakes are dropped at once and the
   gateway carries on. Answers that concern one token (invalid, failed) do not count.
-- `on_token_invalid(provider, token, reason)` is called once per `token_invalid` outcome,
-  for the device registry to remove the token.
+- `on_token_invalid(provider, token, reason, registered_before)` is called once per
+  `token_invalid` outcome, for the device registry to remove the token unless it was
+  registered at or after `registered_before` (a unix time: the provider's word on when it
+  found the token invalid, else when the send started): a re-registration racing the
+  answer is a new registration and stays.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("realtime.push")
 
-TokenInvalidCallback = Callable[[str, str, str], Awaitable[None] | None]
+TokenInvalidCallback = Callable[[str, str, str, float], Awaitable[None] | None]
 
 QUEUE_FULL = "queue_full"
 BREAKER_OPEN = "breaker_open"
@@ -74,6 +77,7 @@ class PushSender:
         breaker_min_requests: int = 20,
         on_token_invalid: TokenInvalidCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         if isinstance(providers, Mapping):
@@ -88,6 +92,7 @@ class PushSender:
         self.retry_backoff_max = max(retry_backoff, retry_backoff_max)
         self.on_token_invalid = on_token_invalid
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rand = rand
         self.breakers = {
             name: CircuitBreaker(
@@ -268,6 +273,7 @@ class PushSender:
         if not breaker.allow(self.clock()):
             self._drop(wake, BREAKER_OPEN)
             return
+        started = self.wall_clock()
         try:
             outcome = await provider.send(wake)
         except asyncio.CancelledError:  # close() while sending
@@ -282,7 +288,7 @@ class PushSender:
         self.metrics.push_errors[(name, outcome.reason or outcome.outcome.value)] += 1
         if outcome.outcome is Outcome.TOKEN_INVALID:
             self._record(name, breaker, ok=True)
-            await self._token_invalid(wake, outcome)
+            await self._token_invalid(wake, outcome, outcome.invalid_since or started)
         elif outcome.outcome is Outcome.FAILED:
             self._record(name, breaker, ok=True)
             event(
@@ -322,7 +328,9 @@ class PushSender:
         elif after is BreakerState.CLOSED:
             event(log, "push_breaker_closed", provider=name)
 
-    async def _token_invalid(self, wake: Wake, outcome: PushOutcome) -> None:
+    async def _token_invalid(
+        self, wake: Wake, outcome: PushOutcome, registered_before: float
+    ) -> None:
         name = wake.provider
         self.metrics.push_tokens_removed[name] += 1
         event(
@@ -335,7 +343,7 @@ class PushSender:
         if self.on_token_invalid is None:
             return
         try:
-            result = self.on_token_invalid(name, wake.token, outcome.reason)
+            result = self.on_token_invalid(name, wake.token, outcome.reason, registered_before)
             if inspect.isawaitable(result):
                 await result
         except asyncio.CancelledError:
