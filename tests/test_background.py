@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
 from realtime.app import Gateway
+from realtime.brokers.memory import MemoryDetachedStore
+from realtime.core.broker import StreamPosition
+from realtime.core.devices import DetachedSession, DetachedStore
 from realtime.protocol import realtime_pb2 as pb
 
 from .conftest import GatewayFactory, RawClient, api_post, make_token
+from .redis_server import RedisServer
+from .test_device_registry import redis_broker
 
 CHAT = {"history_size": 100, "push": True, "publish": "token"}
 BACKGROUND = {"wake_delay": 0.3, "poll_max_wait": 5.0, "poll_page_size": 3}
@@ -233,3 +240,79 @@ def test_quiet_hours(spec: str, hhmm: str, quiet: bool) -> None:
     hours, minutes = map(int, hhmm.split(":"))
     day = 1_795_392_000  # a UTC midnight
     assert in_quiet_hours(spec, day + hours * 3600 + minutes * 60) is quiet
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def detached_store(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[DetachedStore]:
+    if request.param == "memory":
+        yield MemoryDetachedStore()
+        return
+    broker = await redis_broker([redis_server.url])
+    yield broker.detached_sessions
+    await broker.close()
+
+
+async def test_detached_store_contract(detached_store: DetachedStore) -> None:
+    store = detached_store
+    positions = {"chat/a": StreamPosition(3, "e1"), "chat/b": StreamPosition(0, "")}
+    await store.detach(DetachedSession("u", "d", "background", 100.5, positions), ttl=60)
+    found = await store.get("u", "d")
+    assert found is not None and found.positions == positions and found.detached_at == 100.5
+    assert await store.get("u", "other") is None
+    # A poll advances the channels the session has, and only those.
+    await store.advance(
+        "u", "d", {"chat/a": StreamPosition(7, "e1"), "chat/z": StreamPosition(1, "")}
+    )
+    found = await store.get("u", "d")
+    assert found is not None
+    assert found.positions == {"chat/a": StreamPosition(7, "e1"), "chat/b": StreamPosition(0, "")}
+    # Detaching again replaces it whole.
+    await store.detach(DetachedSession("u", "d", "dropped", 200.0, {}), ttl=60)
+    found = await store.get("u", "d")
+    assert found is not None and found.state == "dropped" and found.positions == {}
+    attached = await store.attach("u", "d")
+    assert attached is not None and attached.detached_at == 200.0
+    assert await store.get("u", "d") is None and await store.attach("u", "d") is None
+    await store.advance("u", "d", {"chat/a": StreamPosition(9, "e1")})  # gone: no-op
+    assert await store.get("u", "d") is None
+    # Expiry.
+    await store.detach(DetachedSession("u", "short", "background", 1.0, positions), ttl=0.2)
+    await asyncio.sleep(0.4)
+    assert await store.get("u", "short") is None
+
+
+async def test_wake_budget_is_per_device_and_slides(detached_store: DetachedStore) -> None:
+    store = detached_store
+    now = 1_800_000_000.0
+    spent = [await store.spend_wake("u", "d", now + i, 3, 3600) for i in range(5)]
+    assert spent == [True, True, True, False, False]
+    assert await store.spend_wake("u", "other", now + 5, 3, 3600)  # its own budget
+    assert not await store.spend_wake("u", "d", now + 3599, 3, 3600)
+    # An hour after the first wake one is free again, then the second frees up.
+    assert await store.spend_wake("u", "d", now + 3600.5, 3, 3600)
+    assert not await store.spend_wake("u", "d", now + 3600.6, 3, 3600)
+    assert await store.spend_wake("u", "d", now + 3601.5, 3, 3600)
+    # It outlives detached sessions: the device coming back does not reset it.
+    await store.detach(DetachedSession("u", "d", "background", now, {}), ttl=60)
+    await store.attach("u", "d")
+    assert not await store.spend_wake("u", "d", now + 3601.6, 3, 3600)
+
+
+async def test_the_wake_budget_holds_across_nodes(redis_server: RedisServer) -> None:
+    one = await redis_broker([redis_server.url], prefix="wb-shared")
+    two = await redis_broker([redis_server.url], prefix="wb-shared")
+    try:
+        now = time.time()
+        got = [
+            await broker.detached_sessions.spend_wake("u", "d", now + i / 10, 3, 3600)
+            for i, broker in enumerate([one, two, one, two, one])
+        ]
+        assert got == [True, True, True, False, False]
+    finally:
+        await one.close()
+        await two.close()

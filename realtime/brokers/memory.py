@@ -57,6 +57,7 @@ class MemoryDetachedStore(DetachedStore):
 
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], tuple[float, DetachedSession]] = {}
+        self._wakes: dict[tuple[str, str], deque[float]] = {}  # wake times in the window
         self._now = time.monotonic
 
     def _live(self, key: tuple[str, str]) -> DetachedSession | None:
@@ -101,6 +102,23 @@ class MemoryDetachedStore(DetachedStore):
         found = self._live((user, device))
         self._sessions.pop((user, device), None)
         return found
+
+    async def spend_wake(
+        self, user: str, device: str, now: float, budget: int, window: float
+    ) -> bool:
+        key = (user, device)
+        spent = self._wakes.get(key)
+        if spent is None:
+            spent = self._wakes[key] = deque()
+        while spent and spent[0] <= now - window:
+            spent.popleft()
+        if len(spent) >= budget:
+            return False
+        spent.append(now)
+        if len(self._wakes) > 2 * len(self._sessions) + 1000:  # devices long gone
+            for other in [k for k, s in self._wakes.items() if not s or s[-1] <= now - window]:
+                del self._wakes[other]
+        return True
 
 
 class MemoryBroker(Broker):

@@ -3,11 +3,13 @@
 One hash per device, on the instance its user hashes to: ``p:dd:<user> <device>`` with
 ``_`` = msgpack ``[state, detached_at]`` and ``c:<channel>`` = msgpack ``[offset, epoch]``
 per channel; PEXPIRE `background.detach_ttl`. A poll on any node reads and advances it;
-coming back to the foreground deletes it.
+coming back to the foreground deletes it. The device's wake budget is a sorted set of the
+times of its wakes in the last window, ``p:wb:<user> <device>``, expiring with the window.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -28,6 +30,20 @@ for i = 1, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
+return 1
+"""
+
+# KEYS: the device's wake times (sorted set); ARGV: now, budget, window s, member
+# -> 1 when a wake was left and is now spent
+SPEND_WAKE = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
 return 1
 """
 
@@ -53,6 +69,7 @@ class RedisDetachedStore(DetachedStore):
     def __init__(self, broker: RedisBroker) -> None:
         self.broker = broker
         self._advance: Any = None
+        self._spend_wake: Any = None
 
     def _key(self, user: str, device: str) -> str:
         return f"{self.broker.key_prefix}dd:{user} {device}"
@@ -98,3 +115,18 @@ class RedisDetachedStore(DetachedStore):
         pipe.delete(key)
         fields, _ = await broker.guard(shard, pipe.execute())
         return _session(user, device, fields)
+
+    async def spend_wake(
+        self, user: str, device: str, now: float, budget: int, window: float
+    ) -> bool:
+        broker = self.broker
+        shard = broker.shard_of(user)
+        if self._spend_wake is None:
+            self._spend_wake = shard.client.register_script(SPEND_WAKE)
+        key = f"{broker.key_prefix}wb:{user} {device}"
+        member = f"{now!r}:{secrets.token_hex(4)}"
+        spent = await broker.guard(
+            shard,
+            self._spend_wake(keys=[key], args=[now, budget, window, member], client=shard.client),
+        )
+        return bool(spent)

@@ -7,8 +7,9 @@ node where it detached, a `DetachedDevice` stands in for it in the hub, on the c
 namespaces with `push = true`: a publication there arms one wake after
 `background.wake_delay`; later ones only move the cursor. When the wake is due the node
 checks that the app is still away (it may have come back through another node), spends
-one of the device's `background.wakes_per_hour`, and hands one silent push per registered
-token to the push sender: no message content, only a hint to sync. A namespace with
+one of the device's `background.wakes_per_hour` (counted by the broker, so across nodes),
+and hands one silent push per registered token to the push sender: no message content,
+only a hint to sync. A namespace with
 `push_notification` sends that generic text as a visible notification instead, collapsed
 per channel, except during its quiet hours.
 
@@ -23,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -80,7 +80,6 @@ class BackgroundApps:
         self.config = node.config.background
         self.sink: WakeSink | None = None  # the push sender, when providers are configured
         self.local: dict[tuple[str, str], DetachedDevice] = {}
-        self._spent: dict[tuple[str, str], deque[float]] = {}  # wake times in the last hour
         self._tasks: set[asyncio.Task[None]] = set()
         self.wall_time = time.time
         self.counts = node.metrics.wakes
@@ -220,7 +219,9 @@ class BackgroundApps:
                     self.forget(member.user, member.device)
                 self.counts["cancelled"] += 1
                 return
-            if not self._spend(key):
+            if not await node.broker.detached_sessions.spend_wake(
+                member.user, member.device, self.wall_time(), self.config.wakes_per_hour, HOUR
+            ):
                 self.counts["over_budget"] += 1
                 return
             record = await node.broker.device_registry.device(member.user, member.device)
@@ -236,20 +237,6 @@ class BackgroundApps:
         if sink is not None and sink.submit(wake):
             self.counts["sent"] += 1
             event(log, "wake_sent", logging.DEBUG, user=member.user, device=member.device)
-
-    def _spend(self, key: tuple[str, str]) -> bool:
-        """One wake of the device's hourly budget, if any is left."""
-        budget = self.config.wakes_per_hour
-        now = self.node.loop.time()
-        spent = self._spent.get(key)
-        if spent is None:
-            spent = self._spent[key] = deque()
-        while spent and spent[0] <= now - HOUR:
-            spent.popleft()
-        if len(spent) >= budget:
-            return False
-        spent.append(now)
-        return True
 
     def wake_for(self, record: DeviceRecord, channel: str) -> Wake:
         from realtime.push.messages import Wake
@@ -283,10 +270,6 @@ class BackgroundApps:
         horizon = self.wall_time() - self.config.detach_ttl
         for key in [k for k, m in self.local.items() if m.detached_at < horizon]:
             self.forget(*key)
-        if len(self._spent) > 2 * len(self.local) + 1000:
-            cutoff = self.node.loop.time() - HOUR
-            for key in [k for k, s in self._spent.items() if not s or s[-1] <= cutoff]:
-                del self._spent[key]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.node.loop.create_task(coro)

@@ -95,3 +95,11 @@ class DetachedStore(ABC):
     @abstractmethod
     async def attach(self, user: str, device: str) -> DetachedSession | None:
         """The app is back: end the detached session, returning it."""
+
+    @abstractmethod
+    async def spend_wake(
+        self, user: str, device: str, now: float, budget: int, window: float
+    ) -> bool:
+        """One of the device's `budget` wakes per `window` seconds, counted across nodes
+        (it outlives detached sessions: an app that comes and goes stays within it); False
+        when none is left. `now` is unix time."""
