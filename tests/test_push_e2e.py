@@ -121,6 +121,13 @@ class Phone:
         )
         assert not reply.HasField("error"), reply.error
 
+    async def install(self, gateway: Gateway, clients: list[RawClient], channel: str) -> RawClient:
+        """Open the app, register its push token, subscribe to `channel`."""
+        app = await self.open(gateway, clients)
+        await self.register()
+        await app.subscribe(channel)
+        return app
+
     async def background(self) -> None:
         assert self.client is not None
         reply = await self.client.request(
@@ -207,9 +214,7 @@ async def test_background_five_publications_one_silent_push_poll_then_foreground
     platform: str,
 ) -> None:
     phone = Phone(provider, platform)
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("chat/room")
+    app = await phone.install(gateway, clients, "chat/room")
     await publish_numbers(gateway, "chat/room", range(0, 1))
     assert (await app.publication()).pub.offset == 1
     await phone.background()
@@ -260,9 +265,7 @@ async def test_dropped_socket_wakes_after_the_grace_delay(
     fake_fcm: FakeFcm,  # noqa: F811
 ) -> None:
     phone = Phone("apns", "ios")
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("chat/dropped")
+    app = await phone.install(gateway, clients, "chat/dropped")
     await app.close()  # no app_state: the network went
     await eventually(
         lambda: phone.user in {u for u, _ in gateway.node.background.local}, "the detach"
@@ -321,9 +324,7 @@ async def test_the_hourly_budget_holds_under_a_burst(
         **settings(push_settings, background={"wakes_per_hour": 2, "wake_delay": 0.1})
     )
     phone = Phone("fcm", "android")
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("chat/busy")
+    await phone.install(gateway, clients, "chat/busy")
     await phone.background()
     # A burst of 60 publications over ~3 s: many grace periods, each could arm a wake.
     for n in range(60):
@@ -353,9 +354,7 @@ async def test_an_unregistered_token_is_removed(
         fake_apns.answer(phone.push_token, ApnsAnswer(410, "Unregistered", timestamp=invalid_ms))
     else:
         fake_fcm.answer(phone.push_token, FCM_UNREGISTERED)
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("chat/uninstalled")
+    await phone.install(gateway, clients, "chat/uninstalled")
     await phone.background()
     await publish_numbers(gateway, "chat/uninstalled", range(1, 2))
 
@@ -388,9 +387,7 @@ async def test_a_token_registered_after_apns_invalidated_it_stays(
         phone.push_token,
         ApnsAnswer(410, "Unregistered", timestamp=int((time.time() - 3600) * 1000)),
     )
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("chat/reinstalled")
+    await phone.install(gateway, clients, "chat/reinstalled")
     await phone.background()
     await publish_numbers(gateway, "chat/reinstalled", range(1, 2))
     await eventually(lambda: fake_apns.requests_for(phone.push_token), "the push")
@@ -412,9 +409,7 @@ async def test_a_provider_outage_opens_the_breaker_and_the_gateway_stays_healthy
     fake_apns.set_default(ApnsAnswer(503, "ServiceUnavailable"))  # APNs is down
     phones = [Phone("apns", "ios") for _ in range(8)]
     for i, phone in enumerate(phones):
-        app = await phone.open(gateway, clients)
-        await phone.register()
-        await app.subscribe(f"chat/outage-{i}")
+        await phone.install(gateway, clients, f"chat/outage-{i}")
         await phone.background()
     for i in range(len(phones)):
         await publish_numbers(gateway, f"chat/outage-{i}", range(1, 2))
@@ -438,9 +433,7 @@ async def test_a_provider_outage_opens_the_breaker_and_the_gateway_stays_healthy
     assert (await other.publication()).pub.offset == 1
     # FCM is a separate provider with its own breaker: its devices are still woken.
     android = Phone("fcm", "android")
-    app = await android.open(gateway, clients)
-    await android.register()
-    await app.subscribe("chat/outage-fcm")
+    await android.install(gateway, clients, "chat/outage-fcm")
     await android.background()
     await publish_numbers(gateway, "chat/outage-fcm", range(1, 2))
     await eventually(lambda: fake_fcm.requests_for(android.push_token), "the FCM push")
@@ -456,9 +449,7 @@ async def test_a_visible_notification_is_generic_and_collapsed_per_channel(
     fake_fcm: FakeFcm,  # noqa: F811
 ) -> None:
     phone = Phone("apns", "ios")
-    app = await phone.open(gateway, clients)
-    await phone.register()
-    await app.subscribe("alerts/orders")
+    await phone.install(gateway, clients, "alerts/orders")
     await phone.background()
     status, body = await api_post(
         gateway, "publish", {"channel": "alerts/orders", "data": {"text": "order 1234 shipped"}}
@@ -485,9 +476,7 @@ async def test_two_nodes_background_on_one_poll_on_the_other(
     one = await make_gateway(**settings(push_settings), broker=broker)
     two = await make_gateway(**settings(push_settings), broker=broker)
     phone = Phone("apns", "ios")
-    app = await phone.open(one, clients)
-    await phone.register()
-    await app.subscribe("chat/cluster")
+    app = await phone.install(one, clients, "chat/cluster")
     await publish_numbers(two, "chat/cluster", range(0, 1))
     assert (await app.publication()).pub.offset == 1
     await phone.background()  # on node one
