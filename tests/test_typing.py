@@ -1,9 +1,11 @@
-"""Typing indicators over real WebSocket connections: forwarding, throttle, expiry, and
-the publication that ends typing."""
+"""Typing indicators over real WebSocket connections: forwarding, throttle, expiry, the
+publication that ends typing, and the typist's disconnect that ends it (on one node and
+across nodes)."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from realtime.app import Gateway
 from realtime.protocol import realtime_pb2 as pb
 from realtime.protocol.codes import CloseCode, ErrorCode
-from tests.conftest import GatewayFactory, RawClient, make_token, publish
+from tests.conftest import GatewayFactory, RawClient, api_post, make_token, merge, publish
+from tests.redis_server import RedisServer
+from tests.test_redis_broker import cluster_config
 
 TYPING_CONFIG: dict[str, Any] = {
     "namespaces": {
@@ -157,3 +161,93 @@ async def test_typing_flood_is_rate_limited_then_closed(gateway: Gateway) -> Non
     # bob saw one typing event (the throttle), and is still fine.
     assert (await typing_push(bob)).user == "alice"
     assert (await bob.request(ping=pb.PingRequest())).HasField("ping")
+
+
+# A typing_timeout far beyond the waits below: a stop that arrives came from the
+# disconnect, not from the expiry. The long throttle keeps renewals from being forwarded.
+GONE_CONFIG = merge(
+    TYPING_CONFIG,
+    {"namespaces": {"room": {"typing_timeout": 30.0, "typing_throttle": 10.0}}},
+)
+
+
+async def test_typing_ends_when_the_typist_disconnects(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(**GONE_CONFIG)
+    alice, bob, carol = await room(gateway, "room/8")
+    await typing(alice, "room/8")
+    for receiver in (bob, carol):
+        assert (await typing_push(receiver)).active
+    await alice.close()  # the socket closes, no typing=false before
+    for receiver in (bob, carol):
+        event = await typing_push(receiver, timeout=5.0)
+        assert (event.user, event.active) == ("alice", False)
+    # It ended as an explicit stop would: alice typing again (a new connection, within
+    # the throttle) is forwarded at once.
+    again = await RawClient.open(gateway, token=make_token("alice"))
+    await again.subscribe("room/8")
+    assert not (await typing(again, "room/8")).typing.throttled
+    assert (await typing_push(bob)).active
+    for client in (again, bob, carol):
+        await client.close()
+
+
+async def test_typing_ends_when_the_typist_is_kicked(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway(**GONE_CONFIG)
+    alice, bob, _ = await room(gateway, "room/9")
+    await typing(alice, "room/9")
+    assert (await typing_push(bob)).active
+    status, _ = await api_post(gateway, "disconnect", {"user": "alice", "reconnect": False})
+    assert status == 200
+    event = await typing_push(bob, timeout=5.0)
+    assert (event.user, event.active) == ("alice", False)
+    assert (await alice.wait_closed())[0] == CloseCode.FORBIDDEN
+
+
+async def test_typing_stays_while_another_connection_of_the_user_types(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Typing is per user and channel: a connection of the user that goes away ends it
+    only when none of the user's other connections is typing there."""
+    gateway = await make_gateway(**GONE_CONFIG)
+    node = gateway.node
+    laptop, bob, _ = await room(gateway, "room/10")
+    phone = await RawClient.open(gateway, token=make_token("alice"))
+    idle = await RawClient.open(gateway, token=make_token("alice"))
+    for client in (phone, idle):
+        await client.subscribe("room/10")
+    assert not (await typing(laptop, "room/10")).typing.throttled
+    assert (await typing_push(bob)).active
+    assert (await typing(phone, "room/10")).typing.throttled  # typing, not forwarded
+
+    async def close(client: RawClient) -> None:
+        count = len(node.sessions)
+        await client.close()
+        while len(node.sessions) != count - 1:  # the node let the session go
+            await asyncio.sleep(0.01)
+
+    await close(idle)  # never typed
+    assert await no_typing_push(bob, 0.5)
+    await close(laptop)  # typed, but the phone still does
+    assert await no_typing_push(bob, 0.5)
+    await close(phone)  # the last typist
+    event = await typing_push(bob, timeout=5.0)
+    assert (event.user, event.active) == ("alice", False)
+    await bob.close()
+
+
+async def test_typing_ends_across_nodes_when_the_typist_disconnects(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    config = merge(GONE_CONFIG, cluster_config(redis_server.url, f"ty{secrets.token_hex(4)}"))
+    one = await make_gateway(**config)
+    two = await make_gateway(**config)
+    alice = await RawClient.open(one, token=make_token("alice"))
+    bob = await RawClient.open(two, token=make_token("bob"))
+    await alice.subscribe("room/11")
+    await bob.subscribe("room/11")
+    assert not (await typing(alice, "room/11")).typing.throttled
+    assert (await typing_push(bob)).active  # through Redis
+    await alice.close()
+    event = await typing_push(bob, timeout=5.0)
+    assert (event.user, event.active) == ("alice", False)
+    await bob.close()

@@ -128,6 +128,7 @@ class Node:
         interval = config.client.ping_interval
         self._ping_buckets: list[set[Session]] = [set() for _ in range(interval)]
         self._ping_next = 0
+        self._ping_second: int | None = None  # the last second whose bucket was pinged
         self._pings: dict[WireFormat, bytes] = {}  # one shared ping frame per wire format
         self._housekeeper: asyncio.Task[None] | None = None
         # Other protocols' once-a-second work (MQTT keep-alive).
@@ -136,6 +137,7 @@ class Node:
         self.wall_time = time.time
         self.presence = PresenceTracker(broker, config.presence, loop)
         self.typing = TypingThrottle()
+        self._typing_tasks: set[asyncio.Task[None]] = set()  # stops sent for closed typists
         self._typing_horizon = max(ns.typing_timeout for ns in config.namespaces.values())
         # Broker handler: publications go to the hub without an extra call, unless they can
         # be lost on the way: then their positions are noted and checked (core/positions.py).
@@ -252,6 +254,8 @@ class Node:
         for bucket in self._ping_buckets:
             bucket.discard(session)
         user = session.user
+        if user and session.channels and self.typing.active:
+            self._typing_gone(session, user)
         if user:
             sessions = self.users.get(user)
             if sessions is not None and session in sessions:
@@ -672,14 +676,44 @@ class Node:
             )
         user = session.principal.user
         if active:
-            if not self.typing.start(channel, user, self.loop.time(), ns.config.typing_throttle):
+            now = self.loop.time()
+            if not self.typing.start(channel, user, session.id, now, ns.config.typing_throttle):
                 self.metrics.channel_events["typing_throttled"] += 1
                 return False
         elif not self.typing.stop(channel, user):
             return True  # was not typing: nothing to tell anyone
-        entry = PresenceEntry(session.id, user)
-        await self.broker.publish_event(channel, ChannelEvent(TYPING, entry, active))
+        await self._publish_typing(channel, session.id, user, active)
         return True
+
+    async def _publish_typing(self, channel: str, client: str, user: str, active: bool) -> None:
+        """Every node with subscribers of `channel` (this one too) hears of it in
+        handle_event: the hub starts or ends the indicator and tells the subscribers."""
+        entry = PresenceEntry(client, user)
+        await self.broker.publish_event(channel, ChannelEvent(TYPING, entry, active))
+
+    def _typing_gone(self, session: Session, user: str) -> None:
+        """`session` goes away (closed, kicked, dropped): where it was typing, the others
+        are told at once that typing stopped, as by an explicit stop, instead of waiting
+        for typing_timeout. Typing is per user and channel, so an indicator stays while
+        another connection of the user on this node typed there within typing_timeout (it
+        goes on renewing it, or it expires). Connections on other nodes are not known
+        here: a user typing on two nodes at once loses the indicator until the other
+        node forwards its next renewal."""
+        now = self.loop.time()
+        for channel in session.channels:
+            timeout = self.namespace(channel).config.typing_timeout
+            if self.typing.gone(channel, user, session.id, now, timeout):
+                task = self.loop.create_task(self._stop_typing(channel, session.id, user))
+                self._typing_tasks.add(task)
+                task.add_done_callback(self._typing_tasks.discard)
+
+    async def _stop_typing(self, channel: str, client: str, user: str) -> None:
+        try:
+            await self._publish_typing(channel, client, user, False)
+        except BrokerUnavailable:
+            pass  # receivers expire the indicator after typing_timeout
+        except Exception:
+            log.exception("typing_stop_failed", extra={"fields": {"channel": channel}})
 
     def handle_event(self, channel: str, event: ChannelEvent) -> None:
         """Broker handler: an ephemeral event for a channel this node subscribes to."""
@@ -980,23 +1014,35 @@ class Node:
                 log.exception("housekeeping_failed")
 
     def tick(self, now: float) -> None:
-        """Once a second: connect deadlines, one ping bucket, token expiry, idle buckets."""
+        """Once a second: connect deadlines, the ping buckets due, token expiry, idle buckets."""
         deadline = self.config.client.connect_timeout
         for session in [s for s in self.connecting if now - s.last_rx > deadline]:
             if session.state < CONNECTED:
                 session.close(CloseCode.CONNECT_TIMEOUT, "no connect command in time")
         client = self.config.client
         silent_limit = client.ping_interval + client.pong_timeout
-        bucket = self._ping_buckets[int(now) % len(self._ping_buckets)]
-        for session in list(bucket):
-            if now - session.last_rx > silent_limit:
-                session.close(CloseCode.NO_PONG, "no pong: the connection looks dead")
-            else:
-                ping = self._pings.get(session.wire)
-                if ping is None:
-                    message = session.codec.encode_reply(PING)
-                    ping = self._pings[session.wire] = session.wire.frame(message)
-                session.push_raw(ping)
+        # Every second's bucket, also the seconds a late tick jumped over (a busy loop, a
+        # GC pause): a skipped bucket would get no ping for a whole ping_interval and its
+        # live clients would be closed with NO_PONG. At most one round of buckets.
+        buckets = self._ping_buckets
+        second = int(now)
+        last = self._ping_second
+        first = second if last is None else max(last + 1, second - len(buckets) + 1)
+        if second >= first:
+            self._ping_second = second
+        for due in range(first, second + 1):
+            bucket = buckets[due % len(buckets)]
+            if not bucket:
+                continue
+            for session in list(bucket):
+                if now - session.last_rx > silent_limit:
+                    session.close(CloseCode.NO_PONG, "no pong: the connection looks dead")
+                else:
+                    ping = self._pings.get(session.wire)
+                    if ping is None:
+                        message = session.codec.encode_reply(PING)
+                        ping = self._pings[session.wire] = session.wire.frame(message)
+                    session.push_raw(ping)
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             expires_at, _, session = heapq.heappop(expiry)
