@@ -314,6 +314,12 @@ class BackgroundConfig:
     # GET /v1/poll: longest wait for a publication (long polling), publications per page.
     poll_max_wait: float = 30.0
     poll_page_size: int = 100
+    # Polls per device: poll_rate a second on average, poll_burst at once (a wake's few
+    # pages); beyond, 429 with retry_after_ms. Polls being served on this node at most
+    # (long polls hold theirs); beyond, 503.
+    poll_rate: float = 0.5
+    poll_burst: int = 10
+    max_polls_in_flight: int = 10_000
 
 
 @dataclass
@@ -527,6 +533,9 @@ def validate(config: Config) -> None:
     need(background.wakes_per_hour >= 0, "background.wakes_per_hour", "must be >= 0")
     need(background.poll_max_wait >= 0, "background.poll_max_wait", "must be >= 0")
     need(background.poll_page_size >= 1, "background.poll_page_size", "must be >= 1")
+    need(background.poll_rate > 0, "background.poll_rate", "must be > 0 polls a second")
+    need(background.poll_burst >= 1, "background.poll_burst", "must be >= 1")
+    need(background.max_polls_in_flight >= 1, "background.max_polls_in_flight", "must be >= 1")
     presence = config.presence
     need(presence.ttl >= 3, "presence.ttl", "must be >= 3 seconds")
     need(

@@ -12,12 +12,15 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realtime.app import Gateway
 from realtime.brokers.memory import MemoryDetachedStore
 from realtime.core.broker import StreamPosition
 from realtime.core.devices import DetachedSession, DetachedStore
 from realtime.protocol import realtime_pb2 as pb
+from realtime.transports.websocket import parse_poll_query
 
 from .conftest import GatewayFactory, RawClient, api_post, make_token
 from .redis_server import RedisServer
@@ -180,6 +183,9 @@ async def test_foreground_on_the_same_socket_ends_the_detached_session(
         ("phone", "limit=-1", 400, "bad_request"),
         ("phone", "since=nocolons", 400, "bad_request"),
         ("phone", "since=" + quote("chat/x:-5:e"), 400, "bad_request"),
+        ("phone", "since=" + quote(f"chat/x:{2**64}:e"), 400, "bad_request"),
+        ("phone", "wait=nan", 400, "bad_request"),
+        ("phone", "limit=1e3", 400, "bad_request"),
         ("phone", "", 404, "no_detached_session"),
     ],
 )
@@ -240,6 +246,95 @@ def test_quiet_hours(spec: str, hhmm: str, quiet: bool) -> None:
     hours, minutes = map(int, hhmm.split(":"))
     day = 1_795_392_000  # a UTC midnight
     assert in_quiet_hours(spec, day + hours * 3600 + minutes * 60) is quiet
+
+
+async def test_polls_are_rate_limited_per_device(
+    make_gateway: GatewayFactory, clients: list[RawClient]
+) -> None:
+    gateway = await make_gateway(
+        namespaces={"chat": CHAT}, background={**BACKGROUND, "poll_rate": 0.05, "poll_burst": 3}
+    )
+    for device in ("greedy", "calm"):
+        app = await RawClient.open(gateway, token=phone_token(device=device))
+        await app.subscribe("chat/rate")
+        await background(app)
+        await app.close()
+    statuses = [(await http_poll(gateway, phone_token(device="greedy")))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    status, body = await http_poll(gateway, phone_token(device="greedy"))
+    assert status == 429 and body["error"]["code"] == "too_many_requests"
+    assert 0 < body["error"]["retry_after_ms"] <= 20_000  # one poll per 20 s
+    # Another device of the same user has its own budget.
+    assert (await http_poll(gateway, phone_token(device="calm")))[0] == 200
+
+
+async def test_polls_in_flight_are_bounded(
+    make_gateway: GatewayFactory, clients: list[RawClient]
+) -> None:
+    gateway = await make_gateway(
+        namespaces={"chat": CHAT}, background={**BACKGROUND, "max_polls_in_flight": 1}
+    )
+    for device in ("first", "second"):
+        app = await RawClient.open(gateway, token=phone_token(device=device))
+        await app.subscribe("chat/busy")
+        await background(app)
+        await app.close()
+    waiting = asyncio.create_task(http_poll(gateway, phone_token(device="first"), "wait=5"))
+    while gateway.node.polls.in_flight == 0:
+        await asyncio.sleep(0.01)
+    status, body = await http_poll(gateway, phone_token(device="second"))
+    assert status == 503 and body["error"]["code"] == "busy"
+    assert body["error"]["retry_after_ms"] > 0
+    await publish(gateway, "chat/busy", 1)
+    status, body = await waiting
+    assert status == 200 and datas(body["channels"]["chat/busy"]) == [1]
+    assert gateway.node.polls.in_flight == 0
+    assert (await http_poll(gateway, phone_token(device="second")))[0] == 200
+
+
+QUERY_PARTS = st.sampled_from(["wait", "limit", "since", "token", "x", ""])
+QUERY_VALUES = st.one_of(
+    st.text(max_size=30),
+    st.from_regex(r"[a-z/]{0,8}:-?[0-9]{0,25}:[a-z0-9]{0,6}", fullmatch=True),
+    st.sampled_from(["nan", "inf", "-inf", "1e309", "-0", "0x10", "1_000", " 5 "]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(QUERY_PARTS, QUERY_VALUES), max_size=6))
+def test_poll_query_parses_or_says_what_is_wrong(pairs: list[tuple[str, str]]) -> None:
+    query: dict[str, list[str]] = {}
+    for name, value in pairs:
+        query.setdefault(name, []).append(value)
+    try:
+        wait, limit, since = parse_poll_query(query)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert wait >= 0 and limit >= 0
+    assert all(0 <= p.offset < 2**63 for p in since.values())
+
+
+async def test_random_poll_requests_get_json_answers(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    """Fuzzed query strings over the wire: always a JSON answer, never a hang or a 500."""
+    import random
+
+    app = await RawClient.open(gateway, token=phone_token(device="fuzz"))
+    clients.append(app)
+    await app.subscribe("chat/fuzz")
+    await background(app)
+    await app.close()
+    rng = random.Random(6)
+    alphabet = "abc:/%&=?+ 0123456789-.e"
+    token = phone_token(device="fuzz")
+    for _ in range(40):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        query = "&".join([query, "wait=0"]) if rng.random() < 0.5 else query
+        status, body = await http_poll(gateway, token, quote(query, safe="=&:"))
+        assert status in (200, 400, 429), (query, status, body)
+        assert ("channels" in body) if status == 200 else body["error"]["code"]
 
 
 # ----------------------------------------------------------------------------- the store

@@ -44,6 +44,7 @@ from realtime.core.broker import (
 from realtime.core.cluster import Cluster
 from realtime.core.devices import BACKGROUND, DROPPED, PROVIDERS, DeviceRecord
 from realtime.core.hub import Hub, WireFormat
+from realtime.core.poll import PollGate
 from realtime.core.positions import PositionTracker
 from realtime.core.presence import PresenceTracker
 from realtime.core.ratelimit import TokenBucket
@@ -159,6 +160,7 @@ class Node:
         )
         self.handle_control = self.cluster.handle
         self.background = BackgroundApps(self)
+        self.polls = PollGate(config.background)
         self.cluster.on("disconnect_user", self._disconnect_user_request)
         # Push tokens unused for push.token_max_idle_days are pruned once a day (first a
         # few minutes after start, so that nodes restarted often still do it).
@@ -1064,6 +1066,7 @@ class Node:
             if check is None or check.done():  # else the last one still waits for the broker
                 self._position_check = self.loop.create_task(self.check_positions())
         self.background.tick(now)
+        self.polls.prune(now)
         self.presence.tick(now)
         if self.hub.typing_channels:
             self.hub.expire_typing(now)

@@ -13,6 +13,10 @@ the positions it polled to. The positions reached are written back, so the next 
 
 With `wait`, a poll that finds nothing waits (up to `background.poll_max_wait`) for a
 publication on those channels, then reads once more: long polling.
+
+Every poll reads the broker, so `PollGate` bounds them: a token bucket per device
+(`background.poll_rate`/`poll_burst`: enough for a wake's few pages, not for a loop) and
+at most `background.max_polls_in_flight` on the node (long polls hold a connection).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import TYPE_CHECKING
 
 from realtime.auth import Principal
 from realtime.core.broker import Publication, StreamPosition
+from realtime.core.ratelimit import TokenBucket
 from realtime.protocol.codes import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
+    from realtime.config import BackgroundConfig
     from realtime.core.node import Node
 
 
@@ -58,6 +64,61 @@ class NoDetachedSession(ProtocolError):
     """The app has no detached session: it is in the foreground, or it expired."""
 
 
+class PollRefused(ProtocolError):
+    """Too many polls: this device's rate (TOO_MANY_REQUESTS) or the node's in-flight
+    bound (NOT_AVAILABLE); `retry_after_ms` says when to try again."""
+
+
+class PollGate:
+    """Admission of polls: a token bucket per device, a bound on polls in flight."""
+
+    __slots__ = ("buckets", "burst", "in_flight", "max_in_flight", "next_prune", "rate")
+
+    def __init__(self, config: BackgroundConfig) -> None:
+        self.rate = config.poll_rate
+        self.burst = config.poll_burst
+        self.max_in_flight = config.max_polls_in_flight
+        self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.in_flight = 0
+        self.next_prune = 0.0
+
+    def admit(self, user: str, device: str, now: float) -> None:
+        """Count a poll in (`done` counts it out) or raise PollRefused."""
+        if self.in_flight >= self.max_in_flight:
+            raise PollRefused(
+                ErrorCode.NOT_AVAILABLE,
+                "this node serves too many polls now: try again shortly (or another node)",
+                temporary=True,
+                retry_after_ms=1000,
+            )
+        key = (user, device)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
+        wait_ms = bucket.take(now)
+        if wait_ms:
+            raise PollRefused(
+                ErrorCode.TOO_MANY_REQUESTS,
+                "this device polls too often: poll after a wake, while `more` is true, or "
+                "with `wait` for long polling",
+                temporary=True,
+                retry_after_ms=wait_ms,
+            )
+        self.in_flight += 1
+
+    def done(self) -> None:
+        self.in_flight -= 1
+
+    def prune(self, now: float) -> None:
+        """Forget devices whose bucket is full again (called every second, works once a
+        minute)."""
+        if now < self.next_prune:
+            return
+        self.next_prune = now + 60.0
+        for key in [k for k, b in self.buckets.items() if b.full(now)]:
+            del self.buckets[key]
+
+
 async def poll(
     node: Node,
     principal: Principal,
@@ -70,6 +131,17 @@ async def poll(
         raise ProtocolError(
             ErrorCode.DEVICE_REQUIRED, "poll needs a token with a device claim (device=...)"
         )
+    gate = node.polls
+    gate.admit(principal.user, principal.device, node.loop.time())
+    try:
+        return await _poll(node, principal, since, wait, limit)
+    finally:
+        gate.done()
+
+
+async def _poll(
+    node: Node, principal: Principal, since: dict[str, StreamPosition], wait: float, limit: int
+) -> PollResult:
     config = node.config.background
     limit = min(limit or config.poll_page_size, config.poll_page_size)
     wait = min(max(wait, 0.0), config.poll_max_wait)

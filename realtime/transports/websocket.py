@@ -32,7 +32,7 @@ from realtime.auth import AuthError
 from realtime.core.broker import BrokerUnavailable, StreamPosition
 from realtime.core.mqtt_session import MqttConnection, MqttServer
 from realtime.core.node import Node
-from realtime.core.poll import NoDetachedSession, PollResult, poll
+from realtime.core.poll import NoDetachedSession, PollRefused, PollResult, poll
 from realtime.core.replies import pb_publications
 from realtime.core.session import Session
 from realtime.log import event
@@ -46,7 +46,7 @@ from realtime.protocol.codec import (
     Codec,
     message_to_obj,
 )
-from realtime.protocol.codes import ProtocolError
+from realtime.protocol.codes import ErrorCode, ProtocolError
 from realtime.protocol.wsframe import OP_BINARY, OP_TEXT, frame_header
 
 log = logging.getLogger("realtime.websocket")
@@ -121,7 +121,7 @@ def _error(code: str, message: str, **more: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **more}}
 
 
-def _poll_query(query: dict[str, list[str]]) -> tuple[float, int, dict[str, StreamPosition]]:
+def parse_poll_query(query: dict[str, list[str]]) -> tuple[float, int, dict[str, StreamPosition]]:
     """`wait`, `limit` and `since` (repeated `<channel>:<offset>:<epoch>`) of a poll."""
     try:
         wait = float(query.get("wait", ["0"])[-1])
@@ -134,8 +134,8 @@ def _poll_query(query: dict[str, list[str]]) -> tuple[float, int, dict[str, Stre
         raise ValueError(
             "wait is seconds, limit a number, since <channel>:<offset>:<epoch> (repeatable)"
         ) from None
-    if not wait >= 0 or limit < 0 or any(p.offset < 0 for p in since.values()):
-        raise ValueError("wait, limit and offsets must not be negative")
+    if not wait >= 0 or limit < 0 or any(not 0 <= p.offset < 2**63 for p in since.values()):
+        raise ValueError("wait, limit and offsets must be numbers >= 0 (offsets below 2^63)")
     return wait, limit, since
 
 
@@ -333,7 +333,7 @@ class WebSocketConnection(asyncio.Protocol):
         status, body = 200, {}
         try:
             principal = node.verifier.verify(_handshake_token(request))
-            wait, limit, since = _poll_query(parse_qs(urlsplit(request.path).query))
+            wait, limit, since = parse_poll_query(parse_qs(urlsplit(request.path).query))
             body = poll_body(await poll(node, principal, since, wait=wait, limit=limit))
             node.metrics.polls["ok" if body["channels"] else "empty"] += 1
         except AuthError as exc:
@@ -342,6 +342,11 @@ class WebSocketConnection(asyncio.Protocol):
             status, body = 400, _error("bad_request", str(exc))
         except NoDetachedSession as exc:
             status, body = 404, _error("no_detached_session", exc.message)
+        except PollRefused as exc:
+            busy = exc.code == ErrorCode.NOT_AVAILABLE
+            status = 503 if busy else 429
+            code = "busy" if busy else "too_many_requests"
+            body = _error(code, exc.message, retry_after_ms=exc.retry_after_ms)
         except ProtocolError as exc:
             status, body = 400, _error(exc.code.name.lower(), exc.message)
         except BrokerUnavailable as exc:
