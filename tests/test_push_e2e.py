@@ -502,3 +502,24 @@ async def test_two_nodes_background_on_one_poll_on_the_other(
     assert len(fake_apns.requests_for(phone.push_token)) == 1
     status, body = await http_poll(one, phone.jwt)
     assert status == 404 and body["error"]["code"] == "no_detached_session"
+
+
+async def test_stopping_drops_pending_wakes(
+    make_gateway: GatewayFactory,
+    push_settings: dict[str, Any],
+    clients: list[RawClient],
+    fake_apns: FakeApns,  # noqa: F811
+    fake_fcm: FakeFcm,  # noqa: F811
+) -> None:
+    gateway = await make_gateway(**settings(push_settings, background={"wake_delay": 5.0}))
+    phone = Phone("apns", "ios")
+    await phone.install(gateway, clients, "chat/stopping")
+    await phone.background()
+    await publish_numbers(gateway, "chat/stopping", range(1, 2))
+    pending = gateway.node.background.local[(phone.user, phone.device)].pending
+    assert pending is not None
+    await asyncio.wait_for(gateway.stop(drain_timeout=0.5), 4)
+    # No wake fires into a stopped node (its broker and push sender are closed).
+    assert pending.cancelled()
+    assert not gateway.node.background.local and not gateway.node.background._tasks
+    assert fake_apns.requests_for(phone.push_token) == []

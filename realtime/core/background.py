@@ -271,6 +271,22 @@ class BackgroundApps:
         for key in [k for k, m in self.local.items() if m.detached_at < horizon]:
             self.forget(*key)
 
+    async def close(self, timeout: float = 1.0) -> None:
+        """The node stops: no more wakes; detach writes in flight get `timeout` seconds
+        to reach the broker (so an app whose socket the drain closed is found by the node
+        it reconnects to), then are cancelled."""
+        for member in self.local.values():
+            if member.pending is not None:
+                member.pending.cancel()
+                member.pending = None
+        self.local.clear()
+        if self._tasks:
+            _, late = await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=timeout)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.node.loop.create_task(coro)
         self._tasks.add(task)

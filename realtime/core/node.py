@@ -184,8 +184,9 @@ class Node:
             while task is not None and not task.done():
                 task.cancel()
                 await asyncio.wait([task], timeout=0.5)
-        for task in list(self._device_tasks):  # touches and pruning: made up later
-            task.cancel()
+        for task in list(self._device_tasks) + list(self._typing_tasks):
+            task.cancel()  # touches, pruning, typing stops: made up later or expire
+        await self.background.close()
         await self.cluster.leave()
         await self.broker.close()
 
