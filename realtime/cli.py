@@ -40,6 +40,7 @@ def _banner(config: Config, gateway: object, created_secrets: bool) -> str:
         f"  websocket  ws://{shown}:{gateway.websocket.port}{WEBSOCKET_PATH}"
         f"  (subprotocols realtime.v1.proto, realtime.v1.json; listening on {host})",
         _mqtt_line(gateway, shown),
+        _push_line(gateway),
         f"  server API http://{config.api.host}:{gateway.http.port}/api/v1/"
         "  (header 'Authorization: apikey <key>'; /metrics /healthz /readyz)",
     ]
@@ -53,6 +54,23 @@ def _banner(config: Config, gateway: object, created_secrets: bool) -> str:
     else:
         lines.append("  tokens     realtime token --config <this config> --user <id> ...")
     return "\n".join(lines)
+
+
+def _push_line(gateway: object) -> str:
+    from realtime.app import Gateway
+
+    assert isinstance(gateway, Gateway)
+    if gateway.push is None:
+        return "  push       off  ([push.apns] or [push.fcm] to wake backgrounded apps)"
+    described = []
+    for name, provider in gateway.push.providers.items():
+        details: dict[str, object] = getattr(provider, "describe", dict)()
+        described.append(f"{name} ({', '.join(f'{k} {v}' for k, v in details.items())})")
+    background = gateway.config.background
+    return (
+        f"  push       {'; '.join(described)}; wake after {background.wake_delay:g} s, "
+        f"{background.wakes_per_hour}/h per device; apps poll GET /v1/poll"
+    )
 
 
 def _mqtt_line(gateway: object, shown: str) -> str:

@@ -110,6 +110,7 @@ async def test_quickstart_flow(dev_server: dict[str, Any]) -> None:
     """The README's quickstart, step by step, against a real `realtime serve --dev`."""
     banner = dev_server["banner"]
     assert "broker     memory" in banner and "DEV MODE" in banner
+    assert "push       off  ([push.apns] or [push.fcm]" in banner
     minted = await asyncio.to_thread(
         run,
         "token",

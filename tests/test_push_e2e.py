@@ -523,3 +523,12 @@ async def test_stopping_drops_pending_wakes(
     assert pending.cancelled()
     assert not gateway.node.background.local and not gateway.node.background._tasks
     assert fake_apns.requests_for(phone.push_token) == []
+
+
+async def test_the_startup_banner_says_how_apps_are_woken(gateway: Gateway) -> None:
+    from realtime.cli import _banner
+
+    [line] = [x for x in _banner(gateway.config, gateway, False).splitlines() if "push " in x]
+    assert "apns (auth token, topic com.example.chat, host 127.0.0.1)" in line
+    assert "fcm (project realtime-test, endpoint http://127.0.0.1:" in line
+    assert f"wake after {WAKE_DELAY:g} s, 3/h per device; apps poll GET /v1/poll" in line
