@@ -248,6 +248,29 @@ def test_quiet_hours(spec: str, hhmm: str, quiet: bool) -> None:
     assert in_quiet_hours(spec, day + hours * 3600 + minutes * 60) is quiet
 
 
+async def test_a_device_shut_out_by_the_server_keeps_no_place(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    """Disconnected by the server API without reconnect: no detached session, no wakes;
+    with reconnect (FORCE_RECONNECT) its place is kept like any dropped socket."""
+    for reconnect, user in ((False, "banned"), (True, "moved")):
+        app = await RawClient.open(gateway, token=make_token(user, device="phone"))
+        clients.append(app)
+        await app.subscribe("chat/kick")
+        status, body = await api_post(
+            gateway, "disconnect", {"user": user, "reconnect": reconnect, "reason": "test"}
+        )
+        assert status == 200 and body["disconnected"] == 1, body
+        code, _ = await app.wait_closed()
+        assert code == (3005 if reconnect else 3502)
+        expected = 200 if reconnect else 404
+        deadline = asyncio.get_running_loop().time() + 5
+        while (got := await http_poll(gateway, make_token(user, device="phone")))[0] != expected:
+            assert asyncio.get_running_loop().time() < deadline, got
+            await asyncio.sleep(0.05)
+        assert ((user, "phone") in gateway.node.background.local) is reconnect
+
+
 async def test_polls_are_rate_limited_per_device(
     make_gateway: GatewayFactory, clients: list[RawClient]
 ) -> None:

@@ -244,12 +244,13 @@ class Node:
             and principal.device
             and session.channels
             and not session.detached
+            and not session.shut_out
             and not (self.draining and self.broker.single_node)
             and session.state >= CONNECTED
         ):
             # The socket dropped without app_state: the app may be suspended. Keep its
-            # place (and wake it) as for a backgrounded app. While draining only where
-            # other nodes can serve its polls.
+            # place (and wake it) as for a backgrounded app; not when we shut it out, and
+            # while draining only where other nodes can serve its polls.
             self.background.detach_soon(session, DROPPED)
         self.sessions.discard(session)
         self.by_id.pop(session.id, None)

@@ -59,6 +59,7 @@ class Session:
         "rejected",
         "remote",
         "runner",
+        "shut_out",
         "state",
         "transport",
         "wire",
@@ -85,6 +86,9 @@ class Session:
         self.principal: Principal | None = None
         self.channels: set[str] = set()
         self.detached = False  # the app said it went to the background (app_state)
+        # Closed by us with a code that says "do not reconnect" (forbidden, invalid token,
+        # flood, ...): its place is not kept for a backgrounded app either.
+        self.shut_out = False
         self.queue: list[pb.Command] = []
         self.runner: asyncio.Task[None] | None = None
         self.outbound = Outbound(
@@ -380,6 +384,7 @@ class Session:
         """Tell the client why (Disconnect push), then close with `code`."""
         if self.state >= CLOSING:
             return
+        self.shut_out = not code.reconnect
         reason = reason[:120]
         disconnect = pb.Disconnect(
             code=code,
