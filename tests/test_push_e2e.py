@@ -493,12 +493,11 @@ async def test_two_nodes_background_on_one_poll_on_the_other(
     since = pb.StreamPosition(offset=reached["offset"], epoch=reached["epoch"])
     result = await back.subscribe("chat/cluster", recover=True, since=since)
     assert result.recovered and list(result.publications) == []
-    # Attached again through node two: node one, still standing in for the device, finds
-    # that out when its next wake is due (the store says so) and sends nothing.
+    # Attached again through node two, which tells node one to stop standing in for it.
+    await eventually(lambda: not one.node.background.local, "node one letting go")
     await publish_numbers(one, "chat/cluster", range(6, 7))
     assert (await back.publication()).pub.offset == 7
-    await eventually(lambda: not one.node.background.local, "node one letting go")
-    await asyncio.sleep(WAKE_DELAY)
+    await asyncio.sleep(WAKE_DELAY * 2)
     assert len(fake_apns.requests_for(phone.push_token)) == 1
     status, body = await http_poll(one, phone.jwt)
     assert status == 404 and body["error"]["code"] == "no_detached_session"
@@ -532,3 +531,36 @@ async def test_the_startup_banner_says_how_apps_are_woken(gateway: Gateway) -> N
     assert "apns (auth token, topic com.example.chat, host 127.0.0.1)" in line
     assert "fcm (project realtime-test, endpoint http://127.0.0.1:" in line
     assert f"wake after {WAKE_DELAY:g} s, 3/h per device; apps poll GET /v1/poll" in line
+
+
+async def test_a_lost_release_is_caught_by_the_wake_check(
+    make_gateway: GatewayFactory,
+    push_settings: dict[str, Any],
+    redis_server: RedisServer,
+    clients: list[RawClient],
+    fake_apns: FakeApns,  # noqa: F811
+    fake_fcm: FakeFcm,  # noqa: F811
+) -> None:
+    broker = {"type": "redis", "redis_urls": [redis_server.url], "key_prefix": secrets.token_hex(4)}
+    one = await make_gateway(**settings(push_settings), broker=broker)
+    two = await make_gateway(**settings(push_settings), broker=broker)
+    one.node.cluster.on("release_device", lost_release)  # as if the message were lost
+    phone = Phone("apns", "ios")
+    await phone.install(one, clients, "chat/lost")
+    await phone.background()
+    await phone.open(two, clients)  # back through node two
+    store = two.node.broker.detached_sessions
+    deadline = time.monotonic() + 10
+    while await store.get(phone.user, phone.device) is not None:
+        assert time.monotonic() < deadline, "node two did not attach the app"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # time for a release to arrive, were it not lost
+    assert (phone.user, phone.device) in one.node.background.local
+    await publish_numbers(two, "chat/lost", range(1, 2))
+    await eventually(lambda: not one.node.background.local, "node one's wake finding it back")
+    assert one.node.metrics.wakes["cancelled"] == 1
+    assert fake_apns.requests_for(phone.push_token) == []
+
+
+async def lost_release(body: dict[str, Any]) -> dict[str, Any]:
+    return {}

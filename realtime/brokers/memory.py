@@ -8,6 +8,7 @@ so after a restart every old position is from another epoch and recovery says so
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections import deque
@@ -71,13 +72,7 @@ class MemoryDetachedStore(DetachedStore):
 
     async def detach(self, session: DetachedSession, ttl: float) -> None:
         key = (session.user, session.device)
-        kept = DetachedSession(
-            session.user,
-            session.device,
-            session.state,
-            session.detached_at,
-            dict(session.positions),
-        )
+        kept = dataclasses.replace(session, positions=dict(session.positions))
         self._sessions[key] = (self._now() + ttl, kept)
         if len(self._sessions) % 1024 == 0:  # drop expired ones now and then
             for other in [k for k, (until, _) in self._sessions.items() if until <= self._now()]:
@@ -87,9 +82,7 @@ class MemoryDetachedStore(DetachedStore):
         found = self._live((user, device))
         if found is None:
             return None
-        return DetachedSession(
-            found.user, found.device, found.state, found.detached_at, dict(found.positions)
-        )
+        return dataclasses.replace(found, positions=dict(found.positions))
 
     async def advance(self, user: str, device: str, positions: dict[str, StreamPosition]) -> None:
         found = self._live((user, device))

@@ -1,7 +1,7 @@
 """Detached sessions of backgrounded apps in Redis (`DetachedStore`), for every node.
 
 One hash per device, on the instance its user hashes to: ``p:dd:<user> <device>`` with
-``_`` = msgpack ``[state, detached_at]`` and ``c:<channel>`` = msgpack ``[offset, epoch]``
+``_`` = msgpack ``[state, detached_at, node id]`` and ``c:<channel>`` = msgpack ``[offset, epoch]``
 per channel; PEXPIRE `background.detach_ttl`. A poll on any node reads and advances it;
 coming back to the foreground deletes it. The device's wake budget is a sorted set of the
 times of its wakes in the last window, ``p:wb:<user> <device>``, expiring with the window.
@@ -52,13 +52,14 @@ def _session(user: str, device: str, fields: dict[bytes, bytes]) -> DetachedSess
     head = fields.get(b"_")
     if head is None:
         return None
-    state, detached_at = msgpack.unpackb(head)
+    state, detached_at, *rest = msgpack.unpackb(head)
     positions: dict[str, StreamPosition] = {}
     for name, value in fields.items():
         if name.startswith(b"c:"):
             offset, epoch = msgpack.unpackb(value)
             positions[name[2:].decode()] = StreamPosition(int(offset), str(epoch))
-    return DetachedSession(user, device, str(state), float(detached_at), positions)
+    node = str(rest[0]) if rest else ""
+    return DetachedSession(user, device, str(state), float(detached_at), positions, node)
 
 
 def _position_fields(positions: dict[str, StreamPosition]) -> dict[str, bytes]:
@@ -78,7 +79,8 @@ class RedisDetachedStore(DetachedStore):
         broker = self.broker
         shard = broker.shard_of(session.user)
         key = self._key(session.user, session.device)
-        mapping: dict[str, bytes] = {"_": msgpack.packb([session.state, session.detached_at])}
+        head = [session.state, session.detached_at, session.node]
+        mapping: dict[str, bytes] = {"_": msgpack.packb(head)}
         mapping.update(_position_fields(session.positions))
         pipe = shard.client.pipeline(transaction=True)
         pipe.delete(key)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("realtime.background")
 
 HOUR = 3600.0
+RELEASE = "release_device"  # control message: stop standing in for a device
 WAKE_TTL = 3600  # seconds a provider keeps trying to deliver a wake
 
 
@@ -83,6 +84,8 @@ class BackgroundApps:
         self._tasks: set[asyncio.Task[None]] = set()
         self.wall_time = time.time
         self.counts = node.metrics.wakes
+        self.node_id = node.broker.node_id
+        node.cluster.on(RELEASE, self._release_request)
 
     # ------------------------------------------------------------------ detach, attach
 
@@ -112,7 +115,8 @@ class BackgroundApps:
         positions = self.positions_of(session, given)
         self.watch(user, device, now, list(positions))
         await self.node.broker.detached_sessions.detach(
-            DetachedSession(user, device, state, now, positions), self.config.detach_ttl
+            DetachedSession(user, device, state, now, positions, self.node_id),
+            self.config.detach_ttl,
         )
         event(
             log,
@@ -139,7 +143,12 @@ class BackgroundApps:
         assert principal is not None and principal.device
         now = self.wall_time()
         detached = DetachedSession(
-            principal.user, principal.device, state, now, self.positions_of(session, None)
+            principal.user,
+            principal.device,
+            state,
+            now,
+            self.positions_of(session, None),
+            self.node_id,
         )
         self.watch(detached.user, detached.device, now, list(detached.positions))
         self._spawn(run())
@@ -179,7 +188,22 @@ class BackgroundApps:
         found = await self.node.broker.detached_sessions.attach(user, device)
         if found is not None:
             event(log, "app_attached", logging.DEBUG, user=user, device=device)
+            if found.node and found.node != self.node_id:
+                # Back through another node: the one standing in lets go now (else it
+                # would hold its hub entries until its next wake finds the app back).
+                body = {"user": user, "device": device, "detached_at": found.detached_at}
+                with contextlib.suppress(BrokerUnavailable):  # then its next wake does
+                    await self.node.cluster.tell(found.node, RELEASE, body)
         return found
+
+    async def _release_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Another node: the app we stand in for came back there."""
+        key = (str(body.get("user", "")), str(body.get("device", "")))
+        member = self.local.get(key)
+        same = member is not None and member.detached_at == body.get("detached_at")
+        if same and self.forget(*key):  # not when it detached here again since
+            self.counts["cancelled"] += 1
+        return {}
 
     def attach_soon(self, user: str, device: str) -> None:
         async def run() -> None:

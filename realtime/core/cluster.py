@@ -158,6 +158,11 @@ class Cluster:
         finally:
             self._requests.pop(number, None)
 
+    async def tell(self, target: str, kind: str, body: dict[str, Any]) -> None:
+        """Send node `target` a message that wants no answer (it may be lost). Raises
+        BrokerUnavailable when it cannot be sent."""
+        await self.broker.send_control(ControlMessage(kind, self.node_id, target, 0, body))
+
     async def broadcast(
         self, kind: str, body: dict[str, Any], timeout: float | None = None
     ) -> tuple[dict[str, dict[str, Any]], list[str]]:

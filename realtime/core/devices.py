@@ -78,6 +78,7 @@ class DetachedSession:
     # channel -> the last position the device has of it (what a poll starts after);
     # StreamPosition(0, "") for a channel without history (woken for, nothing to poll)
     positions: dict[str, StreamPosition] = field(default_factory=dict)
+    node: str = ""  # id of the node standing in for it (arming its wakes)
 
 
 class DetachedStore(ABC):
