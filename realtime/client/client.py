@@ -14,6 +14,14 @@ namespace has no presence or typing). Join, leave and typing pushes reach the ca
 given to :meth:`Client.subscribe` (``on_join``, ``on_leave``, ``on_typing``; also settable
 as attributes of the :class:`Subscription`). ``subscribe(..., delta=True)`` receives
 Fossil deltas and hands out full data (see :mod:`realtime.client.subscription`).
+
+Mobile apps in the background (the README's lifecycle): :meth:`Client.register_device`
+and :meth:`Client.unregister_device` manage the device's push token,
+:meth:`Client.background` and :meth:`Client.foreground` send ``app_state``, and
+:meth:`Client.poll` / :meth:`Client.poll_pages` fetch what the app missed with
+``GET /v1/poll`` on the WebSocket URL's host and port (an HTTP/1.1 request of
+:mod:`realtime.client.poll`; they work on a client that is closed or never connected).
+The positions a poll reaches are ``since`` for :meth:`Client.subscribe` in the foreground.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import contextlib
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -38,7 +47,9 @@ from websockets.typing import Subprotocol
 from realtime import __version__
 from realtime.client.errors import DisconnectedError, RealtimeError, SubscriptionClosedError
 from realtime.client.models import (
+    Backgrounded,
     ClientInfo,
+    PollResult,
     PresenceStats,
     Publication,
     StreamPosition,
@@ -54,6 +65,15 @@ from realtime.client.policy import (
     decide_after_http_status,
     reconnect_delay,
     refresh_delay,
+)
+from realtime.client.poll import (
+    POLL_PATH,
+    MalformedAnswer,
+    PollTarget,
+    http_get,
+    parse_poll_answer,
+    poll_error,
+    poll_query,
 )
 from realtime.client.subscription import Subscription, _State
 from realtime.protocol import realtime_pb2 as pb
@@ -194,12 +214,21 @@ class Client:
         self._pending: dict[int, _Pending] = {}
         self._last_id = 0
         self._subs: dict[str, Subscription] = {}
+        # background() was answered on this connection (foreground() not yet): a lost
+        # connection is not re-established.
+        self._backgrounded = False
 
     # ------------------------------------------------------------------ public API
 
     @property
     def connected(self) -> bool:
         return self._state is _ConnState.CONNECTED
+
+    @property
+    def backgrounded(self) -> bool:
+        """:meth:`background` was answered and :meth:`foreground` not yet: the client
+        does not reconnect by itself."""
+        return self._backgrounded
 
     @property
     def subscriptions(self) -> dict[str, Subscription]:
@@ -412,6 +441,166 @@ class Client:
         request = pb.UserStatusRequest(users=list(users))
         reply = await self._request(pb.Command(user_status=request))
         return [UserStatus.from_pb(status) for status in reply.user_status.statuses]
+
+    # ------------------------------------------------------------------ mobile apps
+
+    async def register_device(
+        self,
+        provider: str,
+        token: str,
+        *,
+        environment: str = "production",
+        app_id: str = "",
+        platform: str = "",
+    ) -> None:
+        """Register this device's push token so that the gateway can wake the app while
+        it is in the background (once per install or token change).
+
+        ``provider`` is ``"apns"`` (``token`` the device token in hex, ``environment``
+        ``"production"`` or ``"sandbox"``, ``app_id`` the bundle id) or ``"fcm"`` (the
+        registration token). The connection's token needs a ``device`` claim (else
+        :class:`RealtimeError` ``DEVICE_REQUIRED``); a bad provider, token or environment
+        is ``BAD_REQUEST``.
+        """
+        request = pb.RegisterDeviceRequest(
+            provider=provider,
+            token=token,
+            environment=environment,
+            app_id=app_id,
+            platform=platform,
+        )
+        await self._request(pb.Command(register_device=request))
+
+    async def unregister_device(self) -> None:
+        """Forget this device's push token (logout): the app is no longer woken."""
+        await self._request(pb.Command(unregister_device=pb.UnregisterDeviceRequest()))
+
+    async def background(
+        self, positions: Mapping[str, StreamPosition] | None = None
+    ) -> Backgrounded:
+        """Tell the gateway the app goes to the background (iOS
+        ``sceneDidEnterBackground``, Android ``onStop``).
+
+        ``positions``: what the app has processed of each channel; by default each
+        subscription's :attr:`Subscription.processed` (what the application took out of
+        its queue). Channels left out get the last position the gateway sent. The
+        gateway keeps them in a detached session (``detach_ttl`` seconds), wakes the app
+        with a silent push when something is published on its channels, and serves
+        :meth:`poll` from them. Returns the positions kept and ``detach_ttl``. Needs a
+        token with a ``device`` claim (else :class:`RealtimeError` ``DEVICE_REQUIRED``).
+
+        Then close the client (the OS suspends the app and its socket dies anyway). From
+        the answer on, the client does not reconnect by itself: a new connection of the
+        device would end the detached session and cancel the wake. If the connection is
+        lost while backgrounded, the client stops as with ``reconnect=False``
+        (subscriptions end with :class:`DisconnectedError`). While the socket lives it
+        still delivers publications (a poll returns them again: dedupe by offset). On
+        coming back, :meth:`foreground` on a socket that survived; else a new client (or
+        :meth:`connect`) and :meth:`subscribe` with ``since=`` the positions polled to.
+        """
+        if positions is None:
+            positions = {
+                channel: position
+                for channel, sub in self._subs.items()
+                if (position := sub.processed) is not None
+            }
+        request = pb.AppStateRequest(state=pb.AppStateRequest.STATE_BACKGROUND)
+        for channel, position in positions.items():
+            request.positions[channel].CopyFrom(position.to_pb())
+        reply = await self._request(pb.Command(app_state=request), self._went_background)
+        return Backgrounded.from_pb(reply.app_state)
+
+    async def foreground(self) -> None:
+        """The app is back in the foreground on a socket that survived: the gateway ends
+        the detached session and cancels a pending wake; the client reconnects by itself
+        again. (A new connection of the device does the same on the gateway's side.)"""
+        request = pb.AppStateRequest(state=pb.AppStateRequest.STATE_FOREGROUND)
+        await self._request(pb.Command(app_state=request), self._came_foreground)
+
+    def _went_background(self, reply: pb.Reply) -> None:
+        # In the reader, before a close that follows the reply is handled.
+        self._backgrounded = True
+
+    def _came_foreground(self, reply: pb.Reply) -> None:
+        self._backgrounded = False
+
+    async def poll(
+        self,
+        since: Mapping[str, StreamPosition] | None = None,
+        *,
+        wait: float = 0.0,
+        limit: int = 0,
+    ) -> PollResult:
+        """``GET /v1/poll``: what a backgrounded app missed on its channels.
+
+        Sent to the WebSocket URL's host and port (TLS for ``wss://``) with the client's
+        token (from ``get_token`` when there is none yet, and a fresh one after a 401),
+        on a connection of its own: it needs no :meth:`connect`, and works after
+        :meth:`close`. The device must be detached (:meth:`background`, or its socket
+        dropped).
+
+        ``since``: the app's own positions (they win over those the gateway kept);
+        ``wait``: seconds to wait for a publication when there is none (long polling,
+        capped by the gateway's ``background.poll_max_wait``); ``limit``: at most that
+        many publications (the gateway's ``poll_page_size`` at most). When the answer
+        says ``more``, poll again from its positions (:meth:`poll_pages` does).
+
+        Raises :class:`PollError` when the gateway answers an error (``error``:
+        ``unauthorized``, ``device_required``, ``bad_request``, ``no_detached_session``,
+        ``too_many_requests``, ``busy``, ``unavailable``; ``retry_after_ms``),
+        :class:`DisconnectedError` when the gateway cannot be reached or its answer is
+        not a poll's, TimeoutError after ``wait + command_timeout`` seconds.
+        """
+        target = PollTarget.from_ws_url(self.url)
+        query = poll_query(since, wait, limit)
+        path = POLL_PATH + ("?" + query if query else "")
+        timeout = self.command_timeout + (wait if 0 < wait < math.inf else 0.0)
+        token_refetched = False
+        while True:
+            headers = {
+                "Authorization": f"Bearer {await self._obtain_token()}",
+                "Accept": "application/json",
+                "User-Agent": f"{self.name}/{self.version} realtime-python/{__version__}",
+            }
+            try:
+                async with asyncio.timeout(None if wait == math.inf else timeout):
+                    status, body = await http_get(target, path, headers, max_body=_MAX_FRAME)
+                if status == 200:
+                    return parse_poll_answer(body)
+            except TimeoutError:
+                raise
+            except (OSError, MalformedAnswer) as exc:
+                reason = str(exc) or type(exc).__name__
+                raise DisconnectedError(None, f"poll: {reason}", False) from exc
+            error = poll_error(status, body)
+            if error.status == 401 and self._can_refresh_token() and not token_refetched:
+                token_refetched = self._force_new_token = True
+                continue
+            raise error
+
+    async def poll_pages(
+        self,
+        since: Mapping[str, StreamPosition] | None = None,
+        *,
+        wait: float = 0.0,
+        limit: int = 0,
+    ) -> AsyncIterator[PollResult]:
+        """:meth:`poll` while the answer says ``more``: each page as it comes, every
+        later one from the positions the one before reached (and without ``wait``).
+
+        ``async for page in client.poll_pages(): handle(page.publications)``. Handle each
+        page before asking for the next: if one fails (:class:`PollError`, e.g.
+        ``too_many_requests`` past the device's ``poll_burst``), poll again later from
+        the positions of the last page handled.
+        """
+        positions = dict(since or {})
+        while True:
+            page = await self.poll(positions, wait=wait, limit=limit)
+            yield page
+            if not page.more:
+                return
+            positions.update(page.positions)
+            wait = 0.0
 
     async def refresh(self, token: str) -> int:
         """Replace the connection's token; returns the new ``expires_in`` (0: never).
@@ -658,6 +847,7 @@ class Client:
         result = established.result
         self._ws = established.ws
         self._disconnect_push = None
+        self._backgrounded = False  # a new connection attaches the device again
         self.client_id = result.client
         self._silence_timeout = (
             float(result.ping_interval + result.pong_timeout) if result.ping_interval else None
@@ -680,7 +870,8 @@ class Client:
                 decision = decide_after_close(
                     lost.code, lost.disconnect, can_refresh_token=self._can_refresh_token()
                 )
-                will_reconnect = self.reconnect and decision.reconnect
+                # Backgrounded: a new connection would end the detached session.
+                will_reconnect = self.reconnect and decision.reconnect and not self._backgrounded
                 await self._session_down(lost, will_reconnect)
                 if not will_reconnect:
                     self._give_up(lost.code, lost.reason)

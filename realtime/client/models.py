@@ -9,7 +9,10 @@ from typing import Any
 from realtime.protocol import realtime_pb2 as pb
 
 __all__ = [
+    "Backgrounded",
+    "ChannelPoll",
     "ClientInfo",
+    "PollResult",
     "PresenceStats",
     "Publication",
     "StreamPosition",
@@ -134,3 +137,55 @@ class Typing:
     @classmethod
     def from_pb(cls, channel: str, typing: pb.Typing) -> Typing:
         return cls(channel=channel, user=typing.user, client=typing.client, active=typing.active)
+
+
+@dataclass(frozen=True, slots=True)
+class Backgrounded:
+    """The gateway's answer to :meth:`Client.background`: the position it keeps of each
+    of the connection's channels (what a poll starts from; channels without history at
+    offset 0) and how many seconds it keeps the detached session (``detach_ttl``)."""
+
+    positions: dict[str, StreamPosition]
+    detach_ttl: int
+
+    @classmethod
+    def from_pb(cls, result: pb.AppStateResult) -> Backgrounded:
+        positions = {ch: StreamPosition.from_pb(p) for ch, p in result.positions.items()}
+        return cls(positions=positions, detach_ttl=result.detach_ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelPoll:
+    """One channel in a :class:`PollResult`.
+
+    ``publications`` are those after the position polled from, in stream order, with
+    their offsets (the same the socket delivers: dedupe by offset). ``position`` is where
+    the next poll (or the foreground subscribe, as ``since``) goes on from. ``recovered``
+    False: history no longer reaches back to the position polled from (or the stream was
+    reset): no publications, ``position`` is the stream's top, reload the channel.
+    """
+
+    channel: str
+    publications: list[Publication]
+    position: StreamPosition
+    recovered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """One answer of ``GET /v1/poll`` (:meth:`Client.poll`): the device's channels that
+    keep history, and ``more`` when the page was full (poll again at once)."""
+
+    channels: dict[str, ChannelPoll]
+    more: bool
+
+    @property
+    def positions(self) -> dict[str, StreamPosition]:
+        """The position reached in each channel: ``since`` of the next poll, and of
+        ``Client.subscribe(channel, since=...)`` on coming back to the foreground."""
+        return {channel: found.position for channel, found in self.channels.items()}
+
+    @property
+    def publications(self) -> list[Publication]:
+        """Every channel's publications, channel by channel (each in stream order)."""
+        return [pub for found in self.channels.values() for pub in found.publications]

@@ -58,7 +58,8 @@ class Subscription:
     subscription and :class:`DisconnectedError` when the client gave up reconnecting.
 
     ``position`` is the last stream position seen (``None`` for a channel without
-    history), ``recovered`` the outcome of the last (re)subscribe. ``on_recovery_failed``
+    history), ``processed`` the last one the application took out of the queue,
+    ``recovered`` the outcome of the last (re)subscribe. ``on_recovery_failed``
     is called with the subscription when a resubscribe after a reconnect could not
     recover the missed publications: the application should reload its state. The same
     goes when the server ends the subscription asking for a resubscribe (an
@@ -102,7 +103,8 @@ class Subscription:
         self._recover = recover
         self._epoch = since.epoch if since is not None else ""
         self._max_queue = max(1, max_queue)
-        self._queue: deque[Publication] = deque()
+        # Queued publications with the epoch of the stream they belong to.
+        self._queue: deque[tuple[Publication, str]] = deque()
         self._buffer: list[pb.Publication] = []
         self._event = asyncio.Event()
         self._state = _State.NEW
@@ -141,14 +143,28 @@ class Subscription:
                     raise self._end()
                 self._event.clear()
                 await self._event.wait()
-        return self._queue.popleft()
+        return self._queue.popleft()[0]
 
     def get_nowait(self) -> Publication | None:
         """The next queued publication, or None when none is queued."""
-        return self._queue.popleft() if self._queue else None
+        return self._queue.popleft()[0] if self._queue else None
 
     def qsize(self) -> int:
         return len(self._queue)
+
+    @property
+    def processed(self) -> StreamPosition | None:
+        """The position up to which the application has taken publications out (with
+        :meth:`get`, :meth:`get_nowait` or iteration): ``position`` when nothing is
+        queued, else the one just before the first queued publication. None for a
+        channel without history. :meth:`Client.background` reports it by default, so
+        that what is still queued when the app closes the client comes back in a poll.
+        """
+        if self._queue:
+            first, epoch = self._queue[0]
+            if first.offset:
+                return StreamPosition(first.offset - 1, epoch)
+        return self.position
 
     def __aiter__(self) -> Subscription:
         return self
@@ -271,7 +287,7 @@ class Subscription:
             self._count_drop()
         else:
             self._overflowing = False
-        self._queue.append(Publication.from_pb(self.channel, publication, data))
+        self._queue.append((Publication.from_pb(self.channel, publication, data), self._epoch))
         self._event.set()
         return True
 
