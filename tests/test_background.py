@@ -271,6 +271,57 @@ async def test_a_device_shut_out_by_the_server_keeps_no_place(
         assert ((user, "phone") in gateway.node.background.local) is reconnect
 
 
+async def test_a_page_filled_exactly_says_more_only_when_there_is_more(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    app = await RawClient.open(gateway, token=phone_token(device="exact"))
+    clients.append(app)
+    await app.subscribe("chat/exact-a")
+    await app.subscribe("chat/exact-b")
+    await background(app)
+    await app.close()
+    for n in range(3):  # exactly a page (poll_page_size 3) on the first channel
+        await publish(gateway, "chat/exact-a", n)
+    status, body = await http_poll(gateway, phone_token(device="exact"))
+    assert status == 200 and datas(body["channels"]["chat/exact-a"]) == [0, 1, 2]
+    assert body["more"] is False  # chat/exact-b has nothing new: no empty page to fetch
+    for n in range(3, 6):
+        await publish(gateway, "chat/exact-a", n)
+    await publish(gateway, "chat/exact-b", 100)
+    status, body = await http_poll(gateway, phone_token(device="exact"))
+    assert datas(body["channels"]["chat/exact-a"]) == [3, 4, 5] and body["more"] is True
+    status, body = await http_poll(gateway, phone_token(device="exact"))
+    assert datas(body["channels"]["chat/exact-b"]) == [100] and body["more"] is False
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_a_connect_then_a_drop_in_one_breath_leaves_the_app_detached(
+    make_gateway: GatewayFactory, redis_server: RedisServer, clients: list[RawClient], broker: str
+) -> None:
+    """The attach of a connection and the detach of its drop happen in the order they were
+    asked for, also when both are still on their way to the store."""
+    settings: dict[str, Any] = {"namespaces": {"chat": CHAT}, "background": BACKGROUND}
+    if broker == "redis":
+        settings["broker"] = {
+            "type": "redis",
+            "redis_urls": [redis_server.url],
+            "key_prefix": "breath" + str(time.monotonic_ns()),
+        }
+    gateway = await make_gateway(**settings)
+    app = await RawClient.open(gateway, token=phone_token(device="breath"))
+    clients.append(app)
+    await app.subscribe("chat/breath")
+    [session] = [s for s in gateway.node.sessions if s.principal and s.principal.device]
+    apps = gateway.node.background
+    for _ in range(3):
+        apps.attach_soon("alice", "breath")  # a connection opened...
+        apps.detach_soon(session, "dropped")  # ...and dropped before either reached the store
+    await asyncio.wait(list(apps._tasks), timeout=5)
+    assert ("alice", "breath") in apps.local
+    stored = await gateway.node.broker.detached_sessions.get("alice", "breath")
+    assert stored is not None and stored.detached_at == apps.local[("alice", "breath")].detached_at
+
+
 async def test_polls_are_rate_limited_per_device(
     make_gateway: GatewayFactory, clients: list[RawClient]
 ) -> None:

@@ -24,8 +24,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from realtime.config import parse_quiet_hours
 from realtime.core.broker import BrokerUnavailable, Publication, StreamPosition
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("realtime.background")
 
+T = TypeVar("T")
 HOUR = 3600.0
 RELEASE = "release_device"  # control message: stop standing in for a device
 WAKE_TTL = 3600  # seconds a provider keeps trying to deliver a wake
@@ -82,6 +83,8 @@ class BackgroundApps:
         self.sink: WakeSink | None = None  # the push sender, when providers are configured
         self.local: dict[tuple[str, str], DetachedDevice] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per device, the store write last started: the next one waits for it.
+        self._writes: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.wall_time = time.time
         self.counts = node.metrics.wakes
         self.node_id = node.broker.node_id
@@ -114,9 +117,10 @@ class BackgroundApps:
         now = self.wall_time()
         positions = self.positions_of(session, given)
         self.watch(user, device, now, list(positions))
-        await self.node.broker.detached_sessions.detach(
-            DetachedSession(user, device, state, now, positions, self.node_id),
-            self.config.detach_ttl,
+        detached = DetachedSession(user, device, state, now, positions, self.node_id)
+        await self._in_order(
+            (user, device),
+            self.node.broker.detached_sessions.detach(detached, self.config.detach_ttl),
         )
         event(
             log,
@@ -133,7 +137,7 @@ class BackgroundApps:
         """`detach` for a session that is going away now: its positions are taken at
         once, the store is written in the background."""
 
-        async def run() -> None:
+        async def write() -> None:
             try:
                 await self.node.broker.detached_sessions.detach(detached, self.config.detach_ttl)
             except BrokerUnavailable as exc:
@@ -151,7 +155,7 @@ class BackgroundApps:
             self.node_id,
         )
         self.watch(detached.user, detached.device, now, list(detached.positions))
-        self._spawn(run())
+        self._spawn(self._in_order((detached.user, detached.device), write()))
 
     def watch(self, user: str, device: str, detached_at: float, channels: list[str]) -> None:
         """Stand in for the app in the hub on its push channels (replacing an older one)."""
@@ -185,6 +189,9 @@ class BackgroundApps:
         """The app is back (foreground, or connected again): end its detached session."""
         if self.forget(user, device):
             self.counts["cancelled"] += 1
+        return await self._in_order((user, device), self._end_detached(user, device))
+
+    async def _end_detached(self, user: str, device: str) -> DetachedSession | None:
         found = await self.node.broker.detached_sessions.attach(user, device)
         if found is not None:
             event(log, "app_attached", logging.DEBUG, user=user, device=device)
@@ -206,11 +213,33 @@ class BackgroundApps:
         return {}
 
     def attach_soon(self, user: str, device: str) -> None:
-        async def run() -> None:
-            with contextlib.suppress(BrokerUnavailable):  # its wake checks the store anyway
-                await self.attach(user, device)
+        """`attach` for a connection that just opened: the stand-in goes at once, the
+        store is written in the background (before any later detach of the device)."""
+        if self.forget(user, device):
+            self.counts["cancelled"] += 1
 
-        self._spawn(run())
+        async def end() -> None:
+            with contextlib.suppress(BrokerUnavailable):  # its wake checks the store anyway
+                await self._end_detached(user, device)
+
+        self._spawn(self._in_order((user, device), end()))
+
+    async def _in_order(self, key: tuple[str, str], step: Awaitable[T]) -> T:
+        """Run a store write of device `key` after the ones before it: a connect followed
+        by a quick drop (or app_state) must not have its attach land after the detach."""
+        before = self._writes.get(key)
+        done = self.node.loop.create_future()
+        self._writes[key] = done
+        try:
+            if before is not None:
+                await asyncio.shield(before)
+            return await step
+        finally:
+            if isinstance(step, Coroutine):
+                step.close()  # cancelled before it started: never to run
+            done.set_result(None)
+            if self._writes.get(key) is done:
+                del self._writes[key]
 
     # ------------------------------------------------------------------ wakes
 

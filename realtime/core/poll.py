@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from realtime.auth import Principal
-from realtime.core.broker import Publication, StreamPosition
+from realtime.core.broker import HistoryPolicy, Publication, StreamPosition
 from realtime.core.ratelimit import TokenBucket
 from realtime.protocol.codes import ErrorCode, ProtocolError
 
@@ -187,11 +187,12 @@ async def _poll(
 async def _read(node: Node, positions: dict[str, StreamPosition], limit: int) -> PollResult:
     result = PollResult()
     left = limit
+    unread: dict[str, HistoryPolicy] = {}  # channels after the page filled up
     for channel, position in sorted(positions.items()):
         policy = node.namespace(channel).history
         assert policy is not None
         if left <= 0:
-            result.more = True
+            unread[channel] = policy
             result.channels[channel] = ChannelPoll([], position, True)
             continue
         history = await node.broker.history(channel, policy, since=position)
@@ -211,4 +212,11 @@ async def _read(node: Node, positions: dict[str, StreamPosition], limit: int) ->
         left -= len(pubs)
         reached = StreamPosition(pubs[-1].offset, top.epoch) if pubs else top
         result.channels[channel] = ChannelPoll(pubs, reached, True)
+    if unread and not result.more:
+        # The page filled up exactly: `more` only if a channel not read has moved on (one
+        # batched read of tops), so the app does not spend a poll on an empty page.
+        tops = await node.broker.positions(unread)
+        result.more = any(
+            channel not in tops or tops[channel] != positions[channel] for channel in unread
+        )
     return result
