@@ -72,6 +72,18 @@ async def background(client: RawClient, **positions: Any) -> pb.AppStateResult:
     return reply.app_state
 
 
+async def away(
+    gateway: Gateway, clients: list[RawClient], device: str, *channels: str
+) -> RawClient:
+    """alice's app on `device`, subscribed to `channels`, sent to the background."""
+    app = await RawClient.open(gateway, token=phone_token(device=device))
+    clients.append(app)
+    for channel in channels:
+        await app.subscribe(channel)
+    await background(app)
+    return app
+
+
 async def test_background_poll_and_foreground_recovery(
     gateway: Gateway, clients: list[RawClient]
 ) -> None:
@@ -143,10 +155,7 @@ async def test_dropped_socket_detaches_and_app_positions_win(
 async def test_long_poll_waits_for_a_publication(
     gateway: Gateway, clients: list[RawClient]
 ) -> None:
-    app = await RawClient.open(gateway, token=phone_token(device="w"))
-    clients.append(app)
-    await app.subscribe("chat/wait")
-    await background(app)
+    await away(gateway, clients, "w", "chat/wait")
     poll = asyncio.create_task(http_poll(gateway, phone_token(device="w"), "wait=5"))
     await asyncio.sleep(0.3)
     assert not poll.done()
@@ -161,10 +170,7 @@ async def test_long_poll_waits_for_a_publication(
 async def test_foreground_on_the_same_socket_ends_the_detached_session(
     gateway: Gateway, clients: list[RawClient]
 ) -> None:
-    app = await RawClient.open(gateway, token=phone_token(device="fg"))
-    clients.append(app)
-    await app.subscribe("chat/fg")
-    await background(app)
+    app = await away(gateway, clients, "fg", "chat/fg")
     assert (await http_poll(gateway, phone_token(device="fg")))[0] == 200
     reply = await app.request(
         app_state=pb.AppStateRequest(state=pb.AppStateRequest.STATE_FOREGROUND)
@@ -274,11 +280,7 @@ async def test_a_device_shut_out_by_the_server_keeps_no_place(
 async def test_a_page_filled_exactly_says_more_only_when_there_is_more(
     gateway: Gateway, clients: list[RawClient]
 ) -> None:
-    app = await RawClient.open(gateway, token=phone_token(device="exact"))
-    clients.append(app)
-    await app.subscribe("chat/exact-a")
-    await app.subscribe("chat/exact-b")
-    await background(app)
+    app = await away(gateway, clients, "exact", "chat/exact-a", "chat/exact-b")
     await app.close()
     for n in range(3):  # exactly a page (poll_page_size 3) on the first channel
         await publish(gateway, "chat/exact-a", n)
@@ -329,10 +331,7 @@ async def test_polls_are_rate_limited_per_device(
         namespaces={"chat": CHAT}, background={**BACKGROUND, "poll_rate": 0.05, "poll_burst": 3}
     )
     for device in ("greedy", "calm"):
-        app = await RawClient.open(gateway, token=phone_token(device=device))
-        await app.subscribe("chat/rate")
-        await background(app)
-        await app.close()
+        await (await away(gateway, clients, device, "chat/rate")).close()
     statuses = [(await http_poll(gateway, phone_token(device="greedy")))[0] for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
     status, body = await http_poll(gateway, phone_token(device="greedy"))
@@ -349,10 +348,7 @@ async def test_polls_in_flight_are_bounded(
         namespaces={"chat": CHAT}, background={**BACKGROUND, "max_polls_in_flight": 1}
     )
     for device in ("first", "second"):
-        app = await RawClient.open(gateway, token=phone_token(device=device))
-        await app.subscribe("chat/busy")
-        await background(app)
-        await app.close()
+        await (await away(gateway, clients, device, "chat/busy")).close()
     waiting = asyncio.create_task(http_poll(gateway, phone_token(device="first"), "wait=5"))
     while gateway.node.polls.in_flight == 0:
         await asyncio.sleep(0.01)
@@ -395,10 +391,7 @@ async def test_random_poll_requests_get_json_answers(
     """Fuzzed query strings over the wire: always a JSON answer, never a hang or a 500."""
     import random
 
-    app = await RawClient.open(gateway, token=phone_token(device="fuzz"))
-    clients.append(app)
-    await app.subscribe("chat/fuzz")
-    await background(app)
+    app = await away(gateway, clients, "fuzz", "chat/fuzz")
     await app.close()
     rng = random.Random(6)
     alphabet = "abc:/%&=?+ 0123456789-.e"

@@ -86,6 +86,17 @@ async def gateway(make_gateway: GatewayFactory, push_settings: dict[str, Any]) -
     return await make_gateway(**settings(push_settings))
 
 
+@pytest.fixture
+async def two_nodes(
+    make_gateway: GatewayFactory, push_settings: dict[str, Any], redis_server: RedisServer
+) -> tuple[Gateway, Gateway]:
+    """Two gateways on one real redis-server, both configured for push."""
+    broker = {"type": "redis", "redis_urls": [redis_server.url], "key_prefix": secrets.token_hex(4)}
+    one = await make_gateway(**settings(push_settings), broker=broker)
+    two = await make_gateway(**settings(push_settings), broker=broker)
+    return one, two
+
+
 class Phone:
     """One user's app on one device: its device token, its push token, its socket."""
 
@@ -465,16 +476,11 @@ async def test_a_visible_notification_is_generic_and_collapsed_per_channel(
 
 
 async def test_two_nodes_background_on_one_poll_on_the_other(
-    make_gateway: GatewayFactory,
-    push_settings: dict[str, Any],
-    redis_server: RedisServer,
+    two_nodes: tuple[Gateway, Gateway],
     clients: list[RawClient],
     fake_apns: FakeApns,  # noqa: F811
-    fake_fcm: FakeFcm,  # noqa: F811
 ) -> None:
-    broker = {"type": "redis", "redis_urls": [redis_server.url], "key_prefix": secrets.token_hex(4)}
-    one = await make_gateway(**settings(push_settings), broker=broker)
-    two = await make_gateway(**settings(push_settings), broker=broker)
+    one, two = two_nodes
     phone = Phone("apns", "ios")
     app = await phone.install(one, clients, "chat/cluster")
     await publish_numbers(two, "chat/cluster", range(0, 1))
@@ -534,16 +540,11 @@ async def test_the_startup_banner_says_how_apps_are_woken(gateway: Gateway) -> N
 
 
 async def test_a_lost_release_is_caught_by_the_wake_check(
-    make_gateway: GatewayFactory,
-    push_settings: dict[str, Any],
-    redis_server: RedisServer,
+    two_nodes: tuple[Gateway, Gateway],
     clients: list[RawClient],
     fake_apns: FakeApns,  # noqa: F811
-    fake_fcm: FakeFcm,  # noqa: F811
 ) -> None:
-    broker = {"type": "redis", "redis_urls": [redis_server.url], "key_prefix": secrets.token_hex(4)}
-    one = await make_gateway(**settings(push_settings), broker=broker)
-    two = await make_gateway(**settings(push_settings), broker=broker)
+    one, two = two_nodes
     one.node.cluster.on("release_device", lost_release)  # as if the message were lost
     phone = Phone("apns", "ios")
     await phone.install(one, clients, "chat/lost")
