@@ -108,3 +108,34 @@ def test_cluster_quick_run() -> None:
     for label in ("A  1 node, memory", "A  1 node, Redis", "B  2 nodes, Redis"):
         assert f"  OK      {label}, N=20" in out, out
     assert "FAILED" not in out
+
+
+def test_poll_quick_run() -> None:
+    """`bench/poll/run.py --quick`: polls against a gateway and the raw HTTP reference, and
+    stand-ins at K = 0, 100, 1,000 (real `realtime serve` processes), about 10 seconds."""
+    script = BENCH / "poll/run.py"
+    run = subprocess.Popen(
+        [sys.executable, str(script), "--quick"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=BENCH.parent,
+    )
+    try:
+        out, err = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # run.py stops the servers it started (by PID) on its way out.
+        run.send_signal(signal.SIGTERM)
+        try:
+            out, err = run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            out, err = run.communicate()
+        raise AssertionError(f"bench/poll/run.py --quick took over 120 s\n{out}\n{err}") from None
+    assert run.returncode == 0, f"exit {run.returncode}\n{out}\n{err[-3000:]}"
+    for kind in ("full", "empty"):
+        assert f"ratio {kind} polls: CPU per poll gateway/reference " in out, out
+    assert "gateway/reference -" not in out  # every ratio was computed
+    assert "ratio CPU per publication vs K=0: K=100 " in out, out
+    assert " -x" not in out
+    assert "WRONG" not in out and "FAILED" not in out and "failed" not in out
