@@ -142,7 +142,7 @@ class Metrics:
         metric(
             "polls_total",
             "counter",
-            "GET /v1/poll requests, by result.",
+            "GET /v1/poll requests, by result: ok (publications), empty, error_<status>.",
             labelled("result", self.polls),
         )
         metric(

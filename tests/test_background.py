@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.asyncio.client import connect as ws_connect
 
 from realtime.app import Gateway
 from realtime.brokers.memory import MemoryDetachedStore
@@ -109,6 +110,7 @@ async def test_background_poll_and_foreground_recovery(
     reached = body["channels"]["chat/room"]["position"]
     status, body = await http_poll(gateway, phone_token())
     assert datas(body["channels"]["chat/room"]) == []
+    assert gateway.node.metrics.polls == {"ok": 2, "empty": 1}
     # Foreground: reconnect and recover from what was polled: nothing twice.
     back = await RawClient.open(gateway, token=phone_token())
     clients.append(back)
@@ -302,14 +304,14 @@ async def test_a_connect_then_a_drop_in_one_breath_leaves_the_app_detached(
 ) -> None:
     """The attach of a connection and the detach of its drop happen in the order they were
     asked for, also when both are still on their way to the store."""
-    settings: dict[str, Any] = {"namespaces": {"chat": CHAT}, "background": BACKGROUND}
+    config: dict[str, Any] = {"namespaces": {"chat": CHAT}, "background": BACKGROUND}
     if broker == "redis":
-        settings["broker"] = {
+        config["broker"] = {
             "type": "redis",
             "redis_urls": [redis_server.url],
             "key_prefix": "breath" + str(time.monotonic_ns()),
         }
-    gateway = await make_gateway(**settings)
+    gateway = await make_gateway(**config)
     app = await RawClient.open(gateway, token=phone_token(device="breath"))
     clients.append(app)
     await app.subscribe("chat/breath")
@@ -322,6 +324,66 @@ async def test_a_connect_then_a_drop_in_one_breath_leaves_the_app_detached(
     assert ("alice", "breath") in apps.local
     stored = await gateway.node.broker.detached_sessions.get("alice", "breath")
     assert stored is not None and stored.detached_at == apps.local[("alice", "breath")].detached_at
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_connect_subscribe_and_background_in_one_frame(
+    make_gateway: GatewayFactory, redis_server: RedisServer, broker: str
+) -> None:
+    """An app that pipelines its whole start-up (connect, subscribe, app_state) in one
+    frame is detached, not attached again by its own connect landing late."""
+    config: dict[str, Any] = {"namespaces": {"chat": CHAT}, "background": BACKGROUND}
+    if broker == "redis":
+        config["broker"] = {
+            "type": "redis",
+            "redis_urls": [redis_server.url],
+            "key_prefix": "frame" + str(time.monotonic_ns()),
+        }
+    gateway = await make_gateway(**config)
+    url = f"ws://127.0.0.1:{gateway.websocket.port}/connection/websocket"
+    for n in range(5):
+        token = phone_token(device=f"pipelined-{n}")
+        async with ws_connect(url, subprotocols=["realtime.v1.json"]) as ws:  # type: ignore[list-item]
+            await ws.send(
+                json.dumps({"id": 1, "connect": {"token": token}})
+                + '\n{"id":2,"subscribe":{"channel":"chat/frame"}}'
+                + '\n{"id":3,"app_state":{"state":"background"}}'
+            )
+            for _ in range(3):
+                assert "error" not in await ws.recv()
+        status, body = await http_poll(gateway, token)
+        assert status == 200, body
+        assert body["channels"]["chat/frame"]["recovered"] is True
+
+
+async def test_stand_ins_share_a_channel_and_a_timer(
+    gateway: Gateway, clients: list[RawClient]
+) -> None:
+    """Many detached devices on one channel: the first publication arms a wake for each,
+    later ones only count; a device that comes back leaves the batch, the rest are woken
+    once each (no push provider here: a wake finds no token)."""
+    devices = [f"crowd-{n}" for n in range(40)]
+    for device in devices:
+        await (await away(gateway, clients, device, "chat/crowd")).close()
+    apps = gateway.node.background
+    group = apps.stand_ins["chat/crowd"]
+    assert len(group.devices) == len(group.idle) == 40
+    counts = gateway.node.metrics.wakes
+    await publish(gateway, "chat/crowd", 1)
+    await publish(gateway, "chat/crowd", 2)
+    assert counts["armed"] == 40 and counts["coalesced"] == 40 and not group.idle
+    [batch] = {apps.local[("alice", d)].pending for d in devices}
+    back = await RawClient.open(gateway, token=phone_token(device="crowd-0"))  # comes back
+    clients.append(back)
+    while ("alice", "crowd-0") in apps.local:
+        await asyncio.sleep(0.01)
+    while counts["no_token"] < 39:
+        await asyncio.sleep(0.02)
+    assert counts["no_token"] == 39 and counts["cancelled"] == 1
+    assert batch is not None and len(group.devices) == len(group.idle) == 39
+    # Woken, they wait for the next publication to arm again.
+    await publish(gateway, "chat/crowd", 3)
+    assert counts["armed"] == 40 + 39
 
 
 async def test_polls_are_rate_limited_per_device(

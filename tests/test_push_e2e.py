@@ -522,10 +522,10 @@ async def test_stopping_drops_pending_wakes(
     await phone.background()
     await publish_numbers(gateway, "chat/stopping", range(1, 2))
     pending = gateway.node.background.local[(phone.user, phone.device)].pending
-    assert pending is not None
+    assert pending is not None and pending.timer is not None
     await asyncio.wait_for(gateway.stop(drain_timeout=0.5), 4)
     # No wake fires into a stopped node (its broker and push sender are closed).
-    assert pending.cancelled()
+    assert pending.timer.cancelled()
     assert not gateway.node.background.local and not gateway.node.background._tasks
     assert fake_apns.requests_for(phone.push_token) == []
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Coroutine
@@ -50,21 +51,44 @@ class WakeSink(Protocol):
 
 
 class DetachedDevice:
-    """A detached app in the hub: a filter member on its push channels (exact names)."""
+    """A detached app this node stands in for, on its push channels (exact names)."""
 
-    __slots__ = ("apps", "channels", "cursor", "detached_at", "device", "pending", "user")
+    __slots__ = ("channels", "detached_at", "device", "pending", "user")
 
-    def __init__(self, apps: BackgroundApps, user: str, device: str, detached_at: float) -> None:
-        self.apps = apps
+    def __init__(self, user: str, device: str, detached_at: float) -> None:
         self.user = user
         self.device = device
         self.detached_at = detached_at
         self.channels: tuple[str, ...] = ()
-        self.pending: asyncio.TimerHandle | None = None
-        self.cursor: tuple[str, int] | None = None  # the latest publication: channel, offset
+        self.pending: WakeBatch | None = None  # its wake, armed and not yet due
+
+
+class WakeBatch:
+    """The wakes one publication armed: one timer for all of them. A device leaves the
+    batch by no longer pointing at it (`DetachedDevice.pending`)."""
+
+    __slots__ = ("devices", "timer")
+
+    def __init__(self, devices: list[DetachedDevice]) -> None:
+        self.devices = devices
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class StandIns:
+    """The detached devices this node stands in for on one channel: a single hub filter
+    member for all of them, so that a publication costs the same however many there are
+    (it visits only the `idle` ones, whose wake is not armed yet)."""
+
+    __slots__ = ("apps", "devices", "idle", "last_seq")
+
+    def __init__(self, apps: BackgroundApps) -> None:
+        self.apps = apps
+        self.devices: set[DetachedDevice] = set()
+        self.idle: set[DetachedDevice] = set()
+        self.last_seq = 0  # BackgroundApps' publication counter at the latest one here
 
     def deliver(self, channel: str, pub: Publication, matched: list[object]) -> None:
-        self.apps.published(self, channel, pub)
+        self.apps.published(self)
 
 
 def in_quiet_hours(spec: str, now: float) -> bool:
@@ -82,6 +106,11 @@ class BackgroundApps:
         self.config = node.config.background
         self.sink: WakeSink | None = None  # the push sender, when providers are configured
         self.local: dict[tuple[str, str], DetachedDevice] = {}
+        self.stand_ins: dict[str, StandIns] = {}  # by channel
+        self._published = 0  # publications seen on stand-in channels (a clock for cursors)
+        # (detached_at, n, key, device) of the devices standing in, oldest first: expiry.
+        self._expiry: list[tuple[float, int, tuple[str, str], DetachedDevice]] = []
+        self._watched = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # Per device, the store write last started: the next one waits for it.
         self._writes: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -161,14 +190,22 @@ class BackgroundApps:
         """Stand in for the app in the hub on its push channels (replacing an older one)."""
         node = self.node
         self.forget(user, device)
-        member = DetachedDevice(self, user, device, detached_at)
+        member = DetachedDevice(user, device, detached_at)
         member.channels = tuple(c for c in channels if node.namespace(c).config.push)
         if not member.channels:
             return
-        self.local[(user, device)] = member
+        key = (user, device)
+        self.local[key] = member
+        self._watched += 1
+        heapq.heappush(self._expiry, (detached_at, self._watched, key, member))
         for channel in member.channels:
-            node.hub.add_filter(channel, member, None)
-            node.hold_filter(channel)
+            group = self.stand_ins.get(channel)
+            if group is None:
+                group = self.stand_ins[channel] = StandIns(self)
+                node.hub.add_filter(channel, group, None)
+                node.hold_filter(channel)
+            group.devices.add(member)
+            group.idle.add(member)
 
     def forget(self, user: str, device: str) -> bool:
         """Stop standing in for the app here; True when a wake was pending."""
@@ -176,13 +213,16 @@ class BackgroundApps:
         if member is None:
             return False
         pending = member.pending is not None
-        if member.pending is not None:
-            member.pending.cancel()
-            member.pending = None
+        member.pending = None  # its batch skips it
         node = self.node
         for channel in member.channels:
-            node.hub.remove_filter(channel, member)
-            self._spawn(node.unsubscribe_filter(channel))
+            group = self.stand_ins[channel]
+            group.devices.discard(member)
+            group.idle.discard(member)
+            if not group.devices:
+                del self.stand_ins[channel]
+                node.hub.remove_filter(channel, group)
+                self._spawn(node.unsubscribe_filter(channel))
         return pending
 
     async def attach(self, user: str, device: str) -> DetachedSession | None:
@@ -224,15 +264,25 @@ class BackgroundApps:
 
         self._spawn(self._in_order((user, device), end()))
 
-    async def _in_order(self, key: tuple[str, str], step: Awaitable[T]) -> T:
-        """Run a store write of device `key` after the ones before it: a connect followed
-        by a quick drop (or app_state) must not have its attach land after the detach."""
+    def _in_order(self, key: tuple[str, str], step: Awaitable[T]) -> Coroutine[Any, Any, T]:
+        """`step`, a store write of device `key`, to run after the writes asked for before
+        it: a connect followed at once by a drop or app_state (even in the same frame) must
+        not have its attach land after the detach. Its turn is taken now, at the call."""
         before = self._writes.get(key)
-        done = self.node.loop.create_future()
+        done: asyncio.Future[None] = self.node.loop.create_future()
         self._writes[key] = done
+        return self._run_in_turn(key, before, done, step)
+
+    async def _run_in_turn(
+        self,
+        key: tuple[str, str],
+        before: asyncio.Future[None] | None,
+        done: asyncio.Future[None],
+        step: Awaitable[T],
+    ) -> T:
         try:
-            if before is not None:
-                await asyncio.shield(before)
+            if before is not None:  # bounded: a write that never ran must not block forever
+                await asyncio.wait([before], timeout=2 * self.node.config.broker.command_timeout)
             return await step
         finally:
             if isinstance(step, Coroutine):
@@ -243,17 +293,38 @@ class BackgroundApps:
 
     # ------------------------------------------------------------------ wakes
 
-    def published(self, member: DetachedDevice, channel: str, pub: Publication) -> None:
-        member.cursor = (channel, pub.offset)
-        if member.pending is not None:
-            self.counts["coalesced"] += 1
+    def published(self, group: StandIns) -> None:
+        """A publication on `group`'s channel: arm a wake for each device there without
+        one (one timer for them all); the others only count it."""
+        self._published += 1
+        group.last_seq = self._published
+        idle = group.idle
+        coalesced = len(group.devices) - len(idle)
+        if coalesced:
+            self.counts["coalesced"] += coalesced
+        if not idle:
             return
-        self.counts["armed"] += 1
-        member.pending = self.node.loop.call_later(self.config.wake_delay, self._due, member)
+        batch = WakeBatch(list(idle))
+        for member in batch.devices:
+            member.pending = batch
+            for channel in member.channels:
+                self.stand_ins[channel].idle.discard(member)
+        self.counts["armed"] += len(batch.devices)
+        batch.timer = self.node.loop.call_later(self.config.wake_delay, self._due, batch)
 
-    def _due(self, member: DetachedDevice) -> None:
-        member.pending = None
-        self._spawn(self._wake(member))
+    def _due(self, batch: WakeBatch) -> None:
+        for member in batch.devices:
+            if member.pending is not batch:
+                continue  # forgotten (came back) since
+            member.pending = None
+            for channel in member.channels:  # the next publication arms a new wake
+                self.stand_ins[channel].idle.add(member)
+            self._spawn(self._wake(member))
+
+    def latest_channel(self, member: DetachedDevice) -> str:
+        """The device's channel with the latest publication (what its wake is about)."""
+        groups = self.stand_ins
+        return max(member.channels, key=lambda c: groups[c].last_seq if c in groups else 0)
 
     async def _wake(self, member: DetachedDevice) -> None:
         try:
@@ -284,8 +355,7 @@ class BackgroundApps:
         if record is None:
             self.counts["no_token"] += 1
             return
-        channel = member.cursor[0] if member.cursor else member.channels[0]
-        wake = self.wake_for(record, channel)
+        wake = self.wake_for(record, self.latest_channel(member))
         sink = self.sink
         if sink is not None and sink.submit(wake):
             self.counts["sent"] += 1
@@ -319,19 +389,26 @@ class BackgroundApps:
     # ------------------------------------------------------------------ housekeeping
 
     def tick(self, now: float) -> None:
-        """Once a second: stop standing in for apps whose detached session expired."""
+        """Once a second: stop standing in for apps whose detached session expired (the
+        oldest first, so the work is what expired, not how many stand)."""
         horizon = self.wall_time() - self.config.detach_ttl
-        for key in [k for k, m in self.local.items() if m.detached_at < horizon]:
-            self.forget(*key)
+        expiry = self._expiry
+        while expiry and expiry[0][0] < horizon:
+            _, _, key, member = heapq.heappop(expiry)
+            if self.local.get(key) is member:
+                self.forget(*key)
+        if len(expiry) > 2 * len(self.local) + 1000:  # forgotten ones pile up: compact
+            self._expiry = [item for item in expiry if self.local.get(item[2]) is item[3]]
+            heapq.heapify(self._expiry)
 
     async def close(self, timeout: float = 1.0) -> None:
         """The node stops: no more wakes; detach writes in flight get `timeout` seconds
         to reach the broker (so an app whose socket the drain closed is found by the node
         it reconnects to), then are cancelled."""
         for member in self.local.values():
-            if member.pending is not None:
-                member.pending.cancel()
-                member.pending = None
+            if member.pending is not None and member.pending.timer is not None:
+                member.pending.timer.cancel()
+            member.pending = None
         self.local.clear()
         if self._tasks:
             _, late = await asyncio.wait(list(self._tasks), timeout=timeout)

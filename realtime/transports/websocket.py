@@ -334,8 +334,10 @@ class WebSocketConnection(asyncio.Protocol):
         try:
             principal = node.verifier.verify(_handshake_token(request))
             wait, limit, since = parse_poll_query(parse_qs(urlsplit(request.path).query))
-            body = poll_body(await poll(node, principal, since, wait=wait, limit=limit))
-            node.metrics.polls["ok" if body["channels"] else "empty"] += 1
+            result = await poll(node, principal, since, wait=wait, limit=limit)
+            body = poll_body(result)
+            found = any(c.publications for c in result.channels.values())
+            node.metrics.polls["ok" if found else "empty"] += 1
         except AuthError as exc:
             status, body = 401, _error("unauthorized", str(exc))
         except ValueError as exc:
