@@ -12,6 +12,7 @@ The algorithm is pinned by configuration: a token signed with anything else (inc
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ def _filters(claims: dict[str, Any], name: str) -> FilterSet:
     return filters
 
 
+VERIFIED_CACHE_SIZE = 10_000
+
+
 class TokenVerifier:
     def __init__(self, config: AuthConfig) -> None:
         self.algorithm = config.algorithm
@@ -83,10 +87,28 @@ class TokenVerifier:
         # Nothing of a decoding outlives `verify` but the Principal and its strings (tested;
         # tracemalloc may still name PyJWT's lines: CPython reuses freed dict-key tables).
         self._jwt = jwt.PyJWT(options={"require": required})
+        # Tokens verified lately (apps poll and reconnect with the same one): checking a
+        # signature costs ~35 us, a lookup nothing. The string is the signed token itself,
+        # so a hit is as valid as a check; only its expiry is checked again.
+        self._verified: dict[str, Principal] = {}
 
     def verify(self, token: str) -> Principal:
         if not token:
             raise AuthError("no token: send it in connect.token, ?token= or Authorization")
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at and time.time() > known.expires_at + self._leeway:
+                del self._verified[token]
+                raise AuthError("token expired", expired=True)
+            return known
+        principal = self._decode(token)
+        verified = self._verified
+        if len(verified) >= VERIFIED_CACHE_SIZE:
+            del verified[next(iter(verified))]  # the oldest
+        verified[token] = principal
+        return principal
+
+    def _decode(self, token: str) -> Principal:
         try:
             claims = self._jwt.decode(
                 token,

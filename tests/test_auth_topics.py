@@ -222,3 +222,31 @@ def test_verify_keeps_only_the_principal() -> None:
         "type",
     }
     assert len({id(p.info) for p in principals}) == 1
+
+
+def test_verified_tokens_are_remembered_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    import realtime.auth as auth
+
+    config = AuthConfig(hmac_secret=SECRET, leeway=2.0)
+    verifier = TokenVerifier(config)
+    token = mint_token(config, "alice", ttl=10, device="phone")
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # no second signature check
+    # A token that changed by one character is checked (and refused), not looked up.
+    with pytest.raises(AuthError, match="invalid token"):
+        verifier.verify(token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1])
+    # Expiry still holds for a remembered token, with the same leeway.
+    now = time.time()
+    monkeypatch.setattr(auth.time, "time", lambda: now + 11)
+    assert verifier.verify(token) is first
+    monkeypatch.setattr(auth.time, "time", lambda: now + 13)
+    with pytest.raises(AuthError) as refused:
+        verifier.verify(token)
+    assert refused.value.expired
+    # Bounded: the oldest go first.
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_SIZE", 3)
+    monkeypatch.setattr(auth.time, "time", lambda: now)
+    tokens = [mint_token(config, f"u{i}", ttl=60) for i in range(5)]
+    for t in tokens:
+        verifier.verify(t)
+    assert list(verifier._verified) == tokens[2:]

@@ -15,9 +15,12 @@ over WebSocket (subprotocol `mqtt`) when the MQTT listener is enabled.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+import time
 from collections.abc import Coroutine, Sequence
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -151,17 +154,32 @@ def poll_body(result: PollResult) -> dict[str, Any]:
     return {"channels": channels, "more": result.more}
 
 
-def _json_response(protocol: ServerProtocol, status: int, body: dict[str, Any]) -> Response:
-    response = protocol.reject(status, "")
+_http_date: tuple[int, str] = (0, "")
+
+
+def _date_header() -> str:
+    """The HTTP Date, formatted once a second (polls answer thousands a second)."""
+    global _http_date
+    now = int(time.time())
+    if _http_date[0] != now:
+        _http_date = (now, email.utils.formatdate(now, usegmt=True))
+    return _http_date[1]
+
+
+def _json_response(status: int, body: dict[str, Any]) -> Response:
+    """A JSON answer that ends the connection (what `protocol.reject` builds, without its
+    plain-text body and header rewrites: polls are answered this way)."""
     payload = json.dumps(body).encode()
-    response.body = payload
-    headers = response.headers
-    # websockets' Headers is a multidict: delete before setting, or the value is added.
-    del headers["Content-Type"], headers["Content-Length"]
-    headers["Content-Type"] = "application/json"
-    headers["Content-Length"] = str(len(payload))
-    headers["Cache-Control"] = "no-store"
-    return response
+    headers = Headers(
+        [
+            ("Date", _date_header()),
+            ("Connection", "close"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"),
+        ]
+    )
+    return Response(status, HTTPStatus(status).phrase, headers, payload)
 
 
 class MqttOverWebSocket(MqttConnection):
@@ -278,26 +296,21 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if path in ("/healthz", "/readyz"):
             ok = path == "/healthz" or node.ready
-            response = _json_response(
-                protocol, 200 if ok else 503, {"status": "ok" if ok else "not ready"}
-            )
+            response = _json_response(200 if ok else 503, {"status": "ok" if ok else "not ready"})
         elif path != WEBSOCKET_PATH and path != MQTT_PATH:
             response = _json_response(
-                protocol,
                 404,
                 {"error": {"code": "not_found", "message": f"WebSocket path is {WEBSOCKET_PATH}"}},
             )
         elif node.draining:
             node.metrics.connections_refused["draining"] += 1
             response = _json_response(
-                protocol,
                 503,
                 {"error": {"code": "draining", "message": "node is shutting down; reconnect"}},
             )
         elif len(node.sessions) >= node.config.server.max_connections:
             node.metrics.connections_refused["max_connections"] += 1
             response = _json_response(
-                protocol,
                 503,
                 {"error": {"code": "max_connections", "message": "node is full; try another"}},
             )
@@ -361,7 +374,7 @@ class WebSocketConnection(asyncio.Protocol):
             node.metrics.polls[f"error_{status}"] += 1
         if self.transport is None or self.transport.is_closing():
             return  # the app gave up waiting
-        self.protocol.send_response(_json_response(self.protocol, status, body))
+        self.protocol.send_response(_json_response(status, body))
         self._write_protocol_output()
         if self._timer is not None:
             self._timer.cancel()
