@@ -10,7 +10,8 @@ Orchestrator side: reading a process's CPU time and RSS from /proc, the other lo
 machine, CPU pinning and descriptor limits, server and load generator processes (started on
 free ports, stopped by PID) with the READY/GO/DONE line protocol between them, the
 measurements both benchmarks make (throughput per server CPU-second, RSS per idle
-connection), medians of repeats, and the parts of the report that look the same.
+connection), medians of repeats, and the parts of the report that look the same; for the
+Redis broker, a throwaway redis-server and the deltas of its INFO counters.
 
 Load generator side: that protocol seen from the other end, the timed publish bursts and the
 idle mode, the result line, the common command-line options, and JWTs for bench clients.
@@ -34,6 +35,7 @@ import platform
 import queue
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -736,3 +738,123 @@ def add_timeouts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-timeout", type=float, default=20.0)
     parser.add_argument("--burst-timeout", type=float, default=30.0)
     parser.add_argument("--deadline", type=float, default=150.0, help="hard limit, seconds")
+
+
+# ----------------------------------------------------------------------------- Redis
+# A throwaway redis-server for the benchmarks of the Redis broker, and what they read of
+# it, with the standard library only. (bench/cluster/run.py has its own first version of
+# these, with the cluster's pub/sub figures on top.)
+
+REDIS_INFO_REQUEST = ("INFO", "stats", "commandstats")
+REDIS_COUNTERS = ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")
+
+
+def redis_broker_env(port: int, key_prefix: str) -> dict[str, str]:
+    """The REALTIME_BROKER__* variables of a gateway on the Redis broker at `port`."""
+    return {
+        "REALTIME_BROKER__TYPE": "redis",
+        "REALTIME_BROKER__REDIS_URLS": f'["redis://127.0.0.1:{port}/0"]',
+        "REALTIME_BROKER__KEY_PREFIX": key_prefix,
+    }
+
+
+class RedisServer(ServerProcess):
+    """A throwaway redis-server: loopback only, no persistence (no RDB, no AOF), pinned to
+    the server CPU like the gateway; ready once it answers PING."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        workdir = self.logdir / f"redis-{self.port}"
+        workdir.mkdir(exist_ok=True)
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(workdir), "--loglevel", "warning"]
+        return [binary, *args], server_env()
+
+    def _ready(self) -> bool:
+        try:
+            return bool(redis_command(self.port, "PING") == "PONG")
+        except OSError:
+            return False
+
+
+def redis_version() -> str:
+    """The installed redis-server's version, or "-"."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return "-"
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    return next((w[2:] for w in out.split() if w.startswith("v=")), "-")
+
+
+def redis_command(port: int, *args: str) -> Any:
+    """One command on a fresh connection to 127.0.0.1:`port` (RESP2)."""
+    request = f"*{len(args)}\r\n".encode()
+    for arg in args:
+        data = arg.encode()
+        request += b"$%d\r\n%s\r\n" % (len(data), data)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        with sock.makefile("rb") as f:
+            return read_redis_reply(f)
+
+
+def read_redis_reply(f: Any) -> Any:
+    """One RESP2 reply from a binary file: str, int, None or a list of them."""
+    line = f.readline()
+    if not line:
+        raise ConnectionError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(f"redis: {rest.decode()}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2].decode()
+    if kind == b"*":
+        return [read_redis_reply(f) for _ in range(int(rest))]
+    raise RuntimeError(f"redis: unexpected reply {line!r}")
+
+
+def redis_snapshot(port: int) -> dict[str, Any]:
+    """The counters of `INFO stats` and the calls of each command from `INFO
+    commandstats`, with the size of this snapshot's own reply."""
+    text = redis_command(port, *REDIS_INFO_REQUEST)
+    stats: dict[str, Any] = {"calls": {}, "reply_bytes": len(text) + len(str(len(text))) + 5}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.startswith("cmdstat_"):
+            fields = dict(item.split("=", 1) for item in value.split(","))
+            stats["calls"][name[len("cmdstat_") :]] = int(fields["calls"])
+        elif name in REDIS_COUNTERS:
+            stats[name] = int(value)
+    return stats
+
+
+def redis_delta(
+    before: dict[str, Any], after: dict[str, Any], own: Sequence[str] = ("info",)
+) -> dict[str, Any]:
+    """What Redis did between two snapshots, without the snapshots themselves: the calls
+    of each command (Redis 7 counts the calls a script makes too) but those in `own` (the
+    benchmark's), their sum, and the bytes in and out (the first snapshot's reply is in
+    the output bytes, the second one's request in the input bytes)."""
+    calls = {
+        name: count - before["calls"].get(name, 0)
+        for name, count in after["calls"].items()
+        if name not in own and count > before["calls"].get(name, 0)
+    }
+    request_bytes = 4 + sum(len(str(len(a))) + len(a) + 5 for a in REDIS_INFO_REQUEST)
+    return {
+        "commands": sum(calls.values()),
+        "calls": calls,
+        "bytes_in": after["total_net_input_bytes"]
+        - before["total_net_input_bytes"]
+        - request_bytes,
+        "bytes_out": after["total_net_output_bytes"]
+        - before["total_net_output_bytes"]
+        - before["reply_bytes"],
+    }
