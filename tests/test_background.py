@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+import redis as sync_redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
@@ -384,6 +385,53 @@ async def test_stand_ins_share_a_channel_and_a_timer(
     # Woken, they wait for the next publication to arm again.
     await publish(gateway, "chat/crowd", 3)
     assert counts["armed"] == 40 + 39
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis-2-instances"])
+async def test_a_poll_reads_many_channels_at_once(
+    make_gateway: GatewayFactory,
+    make_redis_server: Callable[[], RedisServer],
+    clients: list[RawClient],
+    broker: str,
+) -> None:
+    """Channels spread over two Redis instances (read in one pipeline each): pages in
+    channel-name order, the positions reached written back."""
+    config: dict[str, Any] = {"namespaces": {"chat": CHAT}, "background": BACKGROUND}
+    urls: list[str] = []
+    if broker != "memory":
+        urls = [make_redis_server().url, make_redis_server().url]
+        config["broker"] = {"type": "redis", "redis_urls": urls, "key_prefix": "many"}
+    gateway = await make_gateway(**config)
+    channels = [f"chat/many-{n}" for n in range(6)]
+    await (await away(gateway, clients, "many", *channels)).close()
+    for n, channel in enumerate(channels):
+        for k in range(n % 3):  # 0, 1, 2, 0, 1, 2 new publications
+            await publish(gateway, channel, 10 * n + k)
+    pages = []
+    while True:
+        status, body = await http_poll(gateway, phone_token(device="many"))
+        assert status == 200, body
+        pages.append({c: datas(p) for c, p in body["channels"].items() if p["publications"]})
+        assert all(p["recovered"] for p in body["channels"].values())
+        if not body["more"]:
+            break
+        for url in urls:  # as after a Redis restart: its scripts are gone
+            sync_redis.Redis.from_url(url).script_flush()
+    # poll_page_size is 3: 1 + 2, then 1 + 2, nothing split across pages wrongly.
+    assert pages == [
+        {"chat/many-1": [10], "chat/many-2": [20, 21]},
+        {"chat/many-4": [40], "chat/many-5": [50, 51]},
+    ]
+    store = gateway.node.broker.detached_sessions
+    stored = await store.get("alice", "many")
+    assert stored is not None
+    assert {c: p.offset for c, p in stored.positions.items()} == {
+        c: n % 3 for n, c in enumerate(channels)
+    }
+    # Then nothing new, and nothing more.
+    status, body = await http_poll(gateway, phone_token(device="many"))
+    assert status == 200 and not body["more"]
+    assert all(not p["publications"] for p in body["channels"].values())
 
 
 async def test_polls_are_rate_limited_per_device(

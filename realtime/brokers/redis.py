@@ -377,6 +377,58 @@ class RedisBroker(Broker):
                 pubs = pubs[:limit]
         return HistoryResult(pubs, position)
 
+    async def histories(
+        self, reads: Mapping[str, tuple[HistoryPolicy, StreamPosition]]
+    ) -> dict[str, HistoryResult]:
+        """One pipeline of HISTORY script calls per instance, the instances at once (a poll
+        reads all its channels in one round trip)."""
+        if len(reads) == 1:
+            [(channel, (policy, since))] = reads.items()
+            return {channel: await self.history(channel, policy, since=since)}
+        groups: dict[int, tuple[_Shard, list[str]]] = {}
+        for channel in reads:
+            shard = self._shard(channel)
+            groups.setdefault(id(shard), (shard, []))[1].append(channel)
+        k = self._k
+        found: dict[str, HistoryResult] = {}
+
+        async def pipeline(shard: _Shard, names: list[str]) -> list[Any]:
+            # EVALSHA by hand: a Script in a pipeline costs a SCRIPT EXISTS round trip
+            # on every execute.
+            pipe = shard.client.pipeline(transaction=False)
+            for channel in names:
+                policy, since = reads[channel]
+                pipe.evalsha(
+                    shard.history.sha,
+                    2,
+                    f"{k}m:{channel}",
+                    f"{k}s:{channel}",
+                    secrets.token_hex(4),
+                    max(1, round(policy.meta_ttl)),
+                    _ms(policy.ttl),
+                    since.offset,
+                    since.epoch,
+                    0,
+                    0,
+                )
+            answers: list[Any] = await pipe.execute()
+            return answers
+
+        async def read(shard: _Shard, names: list[str]) -> None:
+            try:
+                answers = await self._guard(shard, pipeline(shard, names))
+            except redis.exceptions.NoScriptError:
+                # Never loaded here, or a restarted Redis forgot it: load it, once more.
+                await self._guard(shard, shard.client.script_load(shard.history.script))
+                answers = await self._guard(shard, pipeline(shard, names))
+            for channel, raw in zip(names, answers, strict=True):
+                pubs = [decode_publication(message) for message in raw[2:]]
+                pubs.reverse()  # newest first from the script
+                found[channel] = HistoryResult(pubs, StreamPosition(int(raw[0]), raw[1].decode()))
+
+        await asyncio.gather(*(read(shard, names) for shard, names in groups.values()))
+        return found
+
     async def positions(self, channels: Mapping[str, HistoryPolicy]) -> dict[str, StreamPosition]:
         """The tops of many streams: one POSITIONS script call per instance (a pipeline of
         them past POSITIONS_PER_CALL channels), the instances at once; an instance that is

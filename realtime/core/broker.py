@@ -254,6 +254,16 @@ class Broker(ABC):
         When `since` is from another epoch, returns no publications and the current top.
         """
 
+    async def histories(
+        self, reads: Mapping[str, tuple[HistoryPolicy, StreamPosition]]
+    ) -> dict[str, HistoryResult]:
+        """`history(channel, policy, since=position)` of many channels (brokers batch
+        this: one round trip per instance)."""
+        return {
+            channel: await self.history(channel, policy, since=since)
+            for channel, (policy, since) in reads.items()
+        }
+
     @abstractmethod
     async def publish_event(self, channel: str, event: ChannelEvent) -> None:
         """Hand `event` to every node subscribed to `channel` (this one included)."""

@@ -179,23 +179,30 @@ async def _poll(
             for channel in positions:
                 node.hub.remove_filter(channel, waiter)
                 await node.unsubscribe_filter(channel)
-    reached = {channel: c.position for channel, c in result.channels.items()}
-    await store.advance(principal.user, principal.device, reached)
+    stored = detached.positions
+    moved = {
+        channel: c.position
+        for channel, c in result.channels.items()
+        if c.position != stored.get(channel)
+    }
+    if moved:  # most polls find nothing new: nothing to write back
+        await store.advance(principal.user, principal.device, moved)
     return result
 
 
 async def _read(node: Node, positions: dict[str, StreamPosition], limit: int) -> PollResult:
-    result = PollResult()
-    left = limit
-    unread: dict[str, HistoryPolicy] = {}  # channels after the page filled up
-    for channel, position in sorted(positions.items()):
+    """The publications after `positions`, at most `limit`, channels in name order: all
+    channels read at once (`Broker.histories`: one round trip per instance)."""
+    reads: dict[str, tuple[HistoryPolicy, StreamPosition]] = {}
+    for channel, position in positions.items():
         policy = node.namespace(channel).history
         assert policy is not None
-        if left <= 0:
-            unread[channel] = policy
-            result.channels[channel] = ChannelPoll([], position, True)
-            continue
-        history = await node.broker.history(channel, policy, since=position)
+        reads[channel] = (policy, position)
+    found = await node.broker.histories(reads)
+    result = PollResult()
+    left = limit
+    for channel, position in sorted(positions.items()):
+        history = found[channel]
         top = history.position
         pubs = history.publications
         if (
@@ -207,16 +214,11 @@ async def _read(node: Node, positions: dict[str, StreamPosition], limit: int) ->
             result.channels[channel] = ChannelPoll([], top, False)
             continue
         if len(pubs) > left:
-            pubs = pubs[:left]
+            pubs = pubs[: max(left, 0)]
             result.more = True
         left -= len(pubs)
-        reached = StreamPosition(pubs[-1].offset, top.epoch) if pubs else top
+        # Nothing taken: either nothing new (position is the top) or no room left in this
+        # page (the next one starts from the same place).
+        reached = StreamPosition(pubs[-1].offset, top.epoch) if pubs else position
         result.channels[channel] = ChannelPoll(pubs, reached, True)
-    if unread and not result.more:
-        # The page filled up exactly: `more` only if a channel not read has moved on (one
-        # batched read of tops), so the app does not spend a poll on an empty page.
-        tops = await node.broker.positions(unread)
-        result.more = any(
-            channel not in tops or tops[channel] != positions[channel] for channel in unread
-        )
     return result
