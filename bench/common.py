@@ -742,8 +742,7 @@ def add_timeouts(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- Redis
 # A throwaway redis-server for the benchmarks of the Redis broker, and what they read of
-# it, with the standard library only. (bench/cluster/run.py has its own first version of
-# these, with the cluster's pub/sub figures on top.)
+# it, with the standard library only (bench/cluster and bench/poll share them).
 
 REDIS_INFO_REQUEST = ("INFO", "stats", "commandstats")
 REDIS_COUNTERS = ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")

@@ -44,7 +44,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from common import (
     LOADGEN_CPU,
     LoadGenProcess,
     MachineLoad,
+    RedisServer,
     ServerProcess,
     attempt,
     cpu_seconds,
@@ -69,11 +69,14 @@ from common import (
     orchestrator_parser,
     pin,
     raise_nofile,
+    redis_broker_env,
+    redis_command,
+    redis_snapshot,
     report_header,
     run_script,
-    server_env,
     stat_user_system,
 )
+from common import redis_delta as common_redis_delta
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -117,112 +120,28 @@ class Gateway(ServerProcess):
         cmd, env = gateway_command(GATEWAY_CONFIG, self.secret, SERVER=self.port)
         env["REALTIME_SERVER__NODE_NAME"] = self.name
         if self.redis_port is not None:
-            env.update(
-                REALTIME_BROKER__TYPE="redis",
-                REALTIME_BROKER__REDIS_URLS=f'["redis://127.0.0.1:{self.redis_port}/0"]',
-                REALTIME_BROKER__KEY_PREFIX=KEY_PREFIX,
-            )
+            env.update(redis_broker_env(self.redis_port, KEY_PREFIX))
         return cmd, env
 
 
-class Redis(ServerProcess):
-    """A throwaway redis-server: loopback only, no persistence; ready once it answers."""
-
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        workdir = self.logdir / f"redis-{self.port}"
-        workdir.mkdir(exist_ok=True)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(workdir), "--loglevel", "warning"]
-        return [binary, *args], server_env()
-
-    def _ready(self) -> bool:
-        try:
-            return bool(redis_command(self.port, "PING") == "PONG")
-        except OSError:
-            return False
-
-
-# ----------------------------------------------------------------------------- Redis
-
-
-def redis_command(port: int, *args: str) -> Any:
-    """One command on a fresh connection (RESP2), with the standard library only."""
-    request = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = arg.encode()
-        request += b"$%d\r\n%s\r\n" % (len(data), data)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        with sock.makefile("rb") as f:
-            return _read_reply(f)
-
-
-def _read_reply(f: Any) -> Any:
-    line = f.readline()
-    if not line:
-        raise ConnectionError("redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(f"redis: {rest.decode()}")
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2].decode()
-    if kind == b"*":
-        return [_read_reply(f) for _ in range(int(rest))]
-    raise RuntimeError(f"redis: unexpected reply {line!r}")
-
-
-INFO_REQUEST = "INFO stats commandstats"
-OWN_COMMANDS = ("info", "pubsub")  # the benchmark's own, left out of the counts
-COUNTERS = ("total_commands_processed", "total_net_input_bytes", "total_net_output_bytes")
-
-
-def redis_snapshot(port: int) -> dict[str, Any]:
-    """Counters of `INFO stats` and the calls of each command from `INFO commandstats`,
-    with the size of the reply (this snapshot's own output bytes)."""
-    text = redis_command(port, *INFO_REQUEST.split())
-    stats: dict[str, Any] = {"calls": {}, "reply_bytes": len(text) + len(str(len(text))) + 5}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.startswith("cmdstat_"):
-            fields = dict(item.split("=", 1) for item in value.split(","))
-            stats["calls"][name[len("cmdstat_") :]] = int(fields["calls"])
-        elif name in COUNTERS:
-            stats[name] = int(value)
-    return stats
+Redis = RedisServer  # bench/common.py: a throwaway redis-server, pinned like the nodes
 
 
 def redis_delta(before: dict[str, Any], after: dict[str, Any], subscribed: int) -> dict[str, Any]:
-    """What Redis did between two snapshots, without the snapshots themselves: the first
-    one's reply is in the output bytes, the second one's request in the input bytes."""
-    calls = {
-        name: count - before["calls"].get(name, 0)
-        for name, count in after["calls"].items()
-        if name not in OWN_COMMANDS and count > before["calls"].get(name, 0)
-    }
-    request = INFO_REQUEST.split()
-    request_bytes = 4 + sum(len(str(len(a))) + len(a) + 5 for a in request)
-    return {
-        "commands": sum(calls.values()),
-        "calls": calls,
-        "evalsha": calls.get("evalsha", 0) + calls.get("eval", 0),
-        "publish": calls.get("publish", 0),
-        "subscribed_nodes": subscribed,
-        "pubsub_out": calls.get("publish", 0) * subscribed,
-        "bytes_in": after["total_net_input_bytes"]
-        - before["total_net_input_bytes"]
-        - request_bytes,
-        "bytes_out": after["total_net_output_bytes"]
-        - before["total_net_output_bytes"]
-        - before["reply_bytes"],
-    }
+    """bench/common.py's delta (the benchmark's INFO and PUBSUB calls left out) with the
+    cluster's pub/sub figures: publications fan out to every subscribed node."""
+    delta = common_redis_delta(before, after, own=OWN_COMMANDS)
+    calls = delta["calls"]
+    delta.update(
+        evalsha=calls.get("evalsha", 0) + calls.get("eval", 0),
+        publish=calls.get("publish", 0),
+        subscribed_nodes=subscribed,
+        pubsub_out=calls.get("publish", 0) * subscribed,
+    )
+    return delta
+
+
+OWN_COMMANDS = ("info", "pubsub")  # the benchmark's own, left out of the counts
 
 
 def numsub(port: int) -> int:
