@@ -141,6 +141,7 @@ class MemoryBroker(Broker):
         # user -> (last seen, kept until), unix times; only users who went offline.
         self._last_seen: dict[str, tuple[float, float]] = {}
         self._last_seen_ttl = 2_592_000.0  # as configured, learnt from the calls
+        self._next_last_seen_sweep = 0.0
         self._now = time.monotonic
         self._wall = time.time
 
@@ -361,8 +362,12 @@ class MemoryBroker(Broker):
             _, refreshed = self._online.pop(user)
             self._last_seen[user] = (refreshed, refreshed + self._last_seen_ttl)
         wall = self._wall()
-        for user in [u for u, (_, kept) in self._last_seen.items() if kept <= wall]:
-            del self._last_seen[user]
+        if wall >= self._next_last_seen_sweep:
+            # Kept for days (last_seen_ttl): once a minute is plenty, and the marks of every
+            # user seen lately are too many to walk each second.
+            self._next_last_seen_sweep = wall + 60.0
+            for user in [u for u, (_, kept) in self._last_seen.items() if kept <= wall]:
+                del self._last_seen[user]
         expired = [key for key, (until, _) in self._idempotency.items() if until <= now]
         for key in expired:
             del self._idempotency[key]
