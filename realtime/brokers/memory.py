@@ -266,7 +266,13 @@ class MemoryBroker(Broker):
         if since is not None:
             if since.epoch != stream.epoch:
                 return HistoryResult([], position)
-            pubs = [pub for _, pub in stream.entries if pub.offset > since.offset]
+            # From the newest back: an up-to-date reader (most polls) costs nothing.
+            pubs = []
+            for _, pub in reversed(stream.entries):
+                if pub.offset <= since.offset:
+                    break
+                pubs.append(pub)
+            pubs.reverse()
         else:
             pubs = [pub for _, pub in stream.entries]
         if reverse:
