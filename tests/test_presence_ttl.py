@@ -65,3 +65,31 @@ class _PortOnly:
 
     def __init__(self, port: int) -> None:
         self.websocket = type("Listener", (), {"port": port})()
+
+
+async def test_users_coming_online_together_take_one_broker_call(
+    make_gateway: GatewayFactory, redis_server: RedisServer, monkeypatch: Any
+) -> None:
+    """A reconnect storm: the online marks of users connecting together go to Redis in
+    one call (not one per user), and every one of them is online for the other nodes."""
+    prefix = "storm" + secrets.token_hex(4)
+    one: Gateway = await make_gateway(**shared_config(redis_server.url, prefix))
+    two: Gateway = await make_gateway(**shared_config(redis_server.url, prefix))
+    broker = one.node.broker
+    calls: list[list[str]] = []
+    real = broker.set_users_online
+
+    async def counted(users: list[str], ttl: float, last_seen_ttl: float) -> None:
+        calls.append(list(users))
+        await real(users, ttl, last_seen_ttl)
+
+    monkeypatch.setattr(broker, "set_users_online", counted)
+    tracker = one.node.presence
+    users = [f"storm-{n}" for n in range(100)]
+    for user in users:
+        tracker.user_connected(user)
+    tracker.user_disconnected("storm-7")  # gone again before the marks were written
+    await tracker.flush()
+    assert calls == [[u for u in users if u != "storm-7"]]
+    statuses = await two.node.broker.user_status(users)
+    assert [s.user for s in statuses if s.online] == [u for u in users if u != "storm-7"]

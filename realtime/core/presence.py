@@ -38,6 +38,7 @@ class PresenceTracker:
         self.local: dict[str, dict[str, PresenceEntry]] = {}  # channel -> client -> entry
         self.online: dict[str, int] = {}  # user -> connections on this node
         self._calls: deque[BrokerCall] = deque()
+        self._coming_online: list[str] = []  # waiting for the queued _mark_online
         self._worker: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
 
@@ -81,12 +82,18 @@ class PresenceTracker:
         count = self.online.get(user, 0)
         self.online[user] = count + 1
         if count == 0 and not self.broker.single_node:
+            # Users coming online together (a reconnect storm) go in one broker call: the
+            # call queued first takes every user added until it runs.
+            self._coming_online.append(user)
+            if len(self._coming_online) == 1:
+                self._enqueue(self._mark_online)
+
+    async def _mark_online(self) -> None:
+        users, self._coming_online = self._coming_online, []
+        users = [u for u in dict.fromkeys(users) if u in self.online]  # not gone since
+        if users:
             config = self.config
-
-            async def call() -> None:
-                await self.broker.set_users_online([user], config.ttl, config.last_seen_ttl)
-
-            self._enqueue(call)
+            await self.broker.set_users_online(users, config.ttl, config.last_seen_ttl)
 
     def is_online(self, user: str) -> bool:
         """Connected to this node (the broker knows about the others)."""
