@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from realtime.app import Gateway
 from realtime.brokers.memory import MemoryDetachedStore
+from realtime.brokers.redis import RedisBroker
 from realtime.core.broker import StreamPosition
 from realtime.core.devices import DetachedSession, DetachedStore
 from realtime.protocol import realtime_pb2 as pb
@@ -585,6 +586,48 @@ async def test_the_wake_budget_holds_across_nodes(redis_server: RedisServer) -> 
             for i, broker in enumerate([one, two, one, two, one])
         ]
         assert got == [True, True, True, False, False]
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_adoption_hands_each_session_to_one_node(
+    make_redis_server: Callable[[], RedisServer],
+) -> None:
+    """Two nodes taking over a dead node's detached sessions at once, over two Redis
+    instances: each session goes to exactly one of them, then the dead node is forgotten;
+    a session that came back or moved on is not taken."""
+    urls = [make_redis_server().url, make_redis_server().url]
+    one = await redis_broker(urls, prefix="adopt")
+    two = await redis_broker(urls, prefix="adopt")
+    try:
+        store = one.detached_sessions
+        for n in range(60):
+            positions = {"chat/a": StreamPosition(n, "e")}
+            await store.detach(DetachedSession("u", f"d{n}", "dropped", 5.0, positions, "dead"), 60)
+        await store.attach("u", "d0")  # came back
+        await store.detach(DetachedSession("u", "d1", "dropped", 6.0, {}, "alive"), 60)
+        assert await store.orphaned_nodes() == ["alive", "dead"]
+
+        async def take(broker: RedisBroker, node: str) -> list[DetachedSession]:
+            got: list[DetachedSession] = []
+            while batch := await broker.detached_sessions.adopt("dead", node, 7, 60):
+                got += batch
+            return got
+
+        first, second = await asyncio.gather(take(one, "n1"), take(two, "n2"))
+        devices = sorted(s.device for s in first + second)
+        assert devices == sorted(f"d{n}" for n in range(2, 60))
+        assert {s.node for s in first} <= {"n1"} and {s.node for s in second} <= {"n2"}
+        stored = await store.get("u", "d30")
+        assert stored is not None and stored.node in ("n1", "n2")
+        assert stored.positions == {"chat/a": StreamPosition(30, "e")}
+        assert "dead" not in await store.orphaned_nodes()
+        # The new owner's index has them: should it die too, they move on again.
+        owner = stored.node
+        assert len(await take(one, "n3")) == 0
+        moved = await one.detached_sessions.adopt(owner, "n3", 100, 60)
+        assert "d30" in {s.device for s in moved}
     finally:
         await one.close()
         await two.close()

@@ -565,3 +565,33 @@ async def test_a_lost_release_is_caught_by_the_wake_check(
 
 async def lost_release(body: dict[str, Any]) -> dict[str, Any]:
     return {}
+
+
+async def test_the_stand_ins_of_a_stopped_node_are_taken_over(
+    two_nodes: tuple[Gateway, Gateway],
+    clients: list[RawClient],
+    fake_apns: FakeApns,  # noqa: F811
+) -> None:
+    """A node stopped for a deploy (or killed) leaves detached devices behind: another node
+    takes them over and wakes them; a live node's are left alone."""
+    one, two = two_nodes
+    phones = [Phone("apns", "ios") for _ in range(3)]
+    for phone in phones:
+        await phone.install(one, clients, "chat/handover")
+        await phone.background()
+    stay = Phone("apns", "ios")
+    await stay.install(two, clients, "chat/handover")
+    await stay.background()
+    assert await two.node.background.adopt_orphans() == 0  # node one is alive
+    assert await one.node.background.adopt_orphans() == 0  # and so is node two
+    await one.stop(drain_timeout=0.5)
+    assert await two.node.background.adopt_orphans() == 3
+    assert {(p.user, p.device) for p in phones} <= set(two.node.background.local)
+    assert await two.node.background.adopt_orphans() == 0  # nothing left to take
+    await publish_numbers(two, "chat/handover", range(1, 2))
+    for phone in [*phones, stay]:
+        await eventually(lambda p=phone: fake_apns.requests_for(p.push_token), "the push")  # type: ignore[misc]
+    await asyncio.sleep(WAKE_DELAY * 2)
+    assert all(len(fake_apns.requests_for(p.push_token)) == 1 for p in [*phones, stay])
+    body = await phones[0].poll(two)
+    assert numbers(body, "chat/handover") == [1]

@@ -3,12 +3,17 @@
 One hash per device, on the instance its user hashes to: ``p:dd:<user> <device>`` with
 ``_`` = msgpack ``[state, detached_at, node id]`` and ``c:<channel>`` = msgpack ``[offset, epoch]``
 per channel; PEXPIRE `background.detach_ttl`. A poll on any node reads and advances it;
-coming back to the foreground deletes it. The device's wake budget is a sorted set of the
-times of its wakes in the last window, ``p:wb:<user> <device>``, expiring with the window.
+coming back to the foreground deletes it. The node standing in for it keeps an index of
+its sessions on each instance, ``p:dn:<node id>`` (a set of msgpack ``[user, device]``),
+and ``p:dnodes`` (on the first instance) lists the nodes with such an index: when a node
+dies, the others take its sessions over from there (`adopt`). The device's wake budget is
+a sorted set of the times of its wakes in the last window, ``p:wb:<user> <device>``,
+expiring with the window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +35,18 @@ for i = 1, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
+return 1
+"""
+
+# KEYS: session hash, the new node's index; ARGV: head as read, new head, index member,
+# index ttl ms -> 1 when the session still had that head and now names the new node
+ADOPT = """
+if redis.call('HGET', KEYS[1], '_') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], '_', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -62,6 +79,12 @@ def _session(user: str, device: str, fields: dict[bytes, bytes]) -> DetachedSess
     return DetachedSession(user, device, str(state), float(detached_at), positions, node)
 
 
+def _member(user: str, device: str) -> bytes:
+    """A device in a node's index."""
+    packed: bytes = msgpack.packb([user, device])
+    return packed
+
+
 def _position_fields(positions: dict[str, StreamPosition]) -> dict[str, bytes]:
     return {f"c:{c}": msgpack.packb([p.offset, p.epoch]) for c, p in positions.items()}
 
@@ -71,6 +94,7 @@ class RedisDetachedStore(DetachedStore):
         self.broker = broker
         self._advance: Any = None
         self._spend_wake: Any = None
+        self._adopt: Any = None
 
     def _key(self, user: str, device: str) -> str:
         return f"{self.broker.key_prefix}dd:{user} {device}"
@@ -86,7 +110,62 @@ class RedisDetachedStore(DetachedStore):
         pipe.delete(key)
         pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
         pipe.pexpire(key, max(1, int(ttl * 1000)))
+        first = broker.shards[0]
+        if session.node:
+            index = self._index(session.node)
+            pipe.sadd(index, _member(session.user, session.device))
+            pipe.pexpire(index, max(1, int(ttl * 1000)))
+            if shard is first:
+                pipe.sadd(self._nodes_key(), session.node)
         await broker.guard(shard, pipe.execute())
+        if session.node and shard is not first:
+            # Every time: another node may have found this one's index empty and dropped it.
+            await broker.guard(first, first.client.sadd(self._nodes_key(), session.node))
+
+    def _index(self, node: str) -> str:
+        return f"{self.broker.key_prefix}dn:{node}"
+
+    def _nodes_key(self) -> str:
+        return f"{self.broker.key_prefix}dnodes"
+
+    async def orphaned_nodes(self) -> list[str]:
+        first = self.broker.shards[0]
+        raw: Any = await self.broker.guard(first, first.client.smembers(self._nodes_key()))
+        return sorted(n.decode() for n in raw)
+
+    async def adopt(self, dead: str, node: str, count: int, ttl: float) -> list[DetachedSession]:
+        broker = self.broker
+        adopted: list[DetachedSession] = []
+        left = False
+        for shard in broker.shards:
+            members: Any = await broker.guard(
+                shard, shard.client.spop(self._index(dead), count - len(adopted))
+            )
+            for member in members or ():
+                user, device = msgpack.unpackb(member)
+                fields: Any = await broker.guard(
+                    shard, shard.client.hgetall(self._key(user, device))
+                )
+                session = _session(user, device, fields)
+                if session is None or session.node != dead:
+                    continue  # back, expired, or standing on another node since
+                if self._adopt is None:
+                    self._adopt = shard.client.register_script(ADOPT)
+                head = msgpack.packb([session.state, session.detached_at, node])
+                keys = [self._key(user, device), self._index(node)]
+                args = [fields[b"_"], head, member, max(1, int(ttl * 1000))]
+                won = await broker.guard(
+                    shard, self._adopt(keys=keys, args=args, client=shard.client)
+                )
+                if won:
+                    adopted.append(dataclasses.replace(session, node=node))
+            if len(adopted) >= count:
+                left = True
+                break
+        if not left and not adopted:  # its index is empty everywhere: forget the node
+            first = broker.shards[0]
+            await broker.guard(first, first.client.srem(self._nodes_key(), dead))
+        return adopted
 
     async def get(self, user: str, device: str) -> DetachedSession | None:
         broker = self.broker
@@ -116,7 +195,11 @@ class RedisDetachedStore(DetachedStore):
         pipe.hgetall(key)
         pipe.delete(key)
         fields, _ = await broker.guard(shard, pipe.execute())
-        return _session(user, device, fields)
+        found = _session(user, device, fields)
+        if found is not None and found.node:
+            index = self._index(found.node)
+            await broker.guard(shard, shard.client.srem(index, _member(user, device)))
+        return found
 
     async def spend_wake(
         self, user: str, device: str, now: float, budget: int, window: float

@@ -43,6 +43,8 @@ log = logging.getLogger("realtime.background")
 T = TypeVar("T")
 HOUR = 3600.0
 RELEASE = "release_device"  # control message: stop standing in for a device
+ADOPT_INTERVAL = 5.0  # seconds between looks for the stand-ins of nodes that are gone
+ADOPT_BATCH = 500
 WAKE_TTL = 3600  # seconds a provider keeps trying to deliver a wake
 
 
@@ -114,6 +116,8 @@ class BackgroundApps:
         self._tasks: set[asyncio.Task[None]] = set()
         # Per device, the store write last started: the next one waits for it.
         self._writes: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._next_adoption = 0.0
+        self._adoption: asyncio.Task[None] | None = None
         self.wall_time = time.time
         self.counts = node.metrics.wakes
         self.node_id = node.broker.node_id
@@ -337,8 +341,13 @@ class BackgroundApps:
         node = self.node
         try:
             stored = await node.broker.detached_sessions.get(member.user, member.device)
-            if stored is None or stored.detached_at != member.detached_at:
-                # Back (maybe through another node), or detached again elsewhere.
+            if (
+                stored is None
+                or stored.detached_at != member.detached_at
+                or stored.node not in ("", self.node_id)
+            ):
+                # Back (maybe through another node), detached again elsewhere, or taken
+                # over by another node (which thought this one dead).
                 if self.local.get(key) is member:
                     self.forget(member.user, member.device)
                 self.counts["cancelled"] += 1
@@ -388,9 +397,48 @@ class BackgroundApps:
 
     # ------------------------------------------------------------------ housekeeping
 
+    async def adopt_orphans(self) -> int:
+        """Stand in for the detached devices of nodes that are gone (killed, or stopped
+        for a deploy): without this their apps would get no wake until they came back.
+        How many were taken over here."""
+        store = self.node.broker.detached_sessions
+        candidates = await store.orphaned_nodes()
+        if not candidates:
+            return 0
+        live = {str(n["node_id"]) for n in await self.node.cluster.nodes()} | {self.node_id}
+        ttl = self.config.detach_ttl
+        total = 0
+        for dead in candidates:
+            if dead in live:
+                continue
+            taken = 0
+            while adopted := await store.adopt(dead, self.node_id, ADOPT_BATCH, ttl):
+                for session in adopted:
+                    self.watch(
+                        session.user, session.device, session.detached_at, list(session.positions)
+                    )
+                taken += len(adopted)
+            if taken:
+                event(log, "detached_devices_adopted", node=dead, devices=taken)
+            total += taken
+        return total
+
+    async def _adopt_orphans(self) -> None:
+        try:
+            await self.adopt_orphans()
+        except BrokerUnavailable:
+            pass  # the next round
+        except Exception:
+            log.exception("adopt_failed")
+
     def tick(self, now: float) -> None:
         """Once a second: stop standing in for apps whose detached session expired (the
-        oldest first, so the work is what expired, not how many stand)."""
+        oldest first, so the work is what expired, not how many stand); now and then,
+        take over the stand-ins of nodes that are gone."""
+        if now >= self._next_adoption and not self.node.broker.single_node:
+            self._next_adoption = now + ADOPT_INTERVAL
+            if self._adoption is None or self._adoption.done():
+                self._adoption = self.node.loop.create_task(self._adopt_orphans())
         horizon = self.wall_time() - self.config.detach_ttl
         expiry = self._expiry
         while expiry and expiry[0][0] < horizon:
@@ -405,6 +453,8 @@ class BackgroundApps:
         """The node stops: no more wakes; detach writes in flight get `timeout` seconds
         to reach the broker (so an app whose socket the drain closed is found by the node
         it reconnects to), then are cancelled."""
+        if self._adoption is not None:
+            self._adoption.cancel()
         for member in self.local.values():
             if member.pending is not None and member.pending.timer is not None:
                 member.pending.timer.cancel()

@@ -97,6 +97,18 @@ class DetachedStore(ABC):
     async def attach(self, user: str, device: str) -> DetachedSession | None:
         """The app is back: end the detached session, returning it."""
 
+    async def orphaned_nodes(self) -> list[str]:
+        """Ids of the nodes that stood in for detached devices (live or not); a node alone
+        (the memory broker) has none to hand over."""
+        return []
+
+    async def adopt(self, dead: str, node: str, count: int, ttl: float) -> list[DetachedSession]:
+        """Up to `count` detached sessions that node `dead` stood in for, now naming
+        `node` (whose index of them keeps `ttl` seconds); [] when none is left (then `dead`
+        is forgotten). Atomic per session: two nodes adopting at once never get the same
+        one."""
+        return []
+
     @abstractmethod
     async def spend_wake(
         self, user: str, device: str, now: float, budget: int, window: float
