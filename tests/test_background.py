@@ -374,6 +374,8 @@ async def test_stand_ins_share_a_channel_and_a_timer(
     await publish(gateway, "chat/crowd", 1)
     await publish(gateway, "chat/crowd", 2)
     assert counts["armed"] == 40 and counts["coalesced"] == 40 and not group.idle
+    text = gateway.node.metrics.render()
+    assert "realtime_detached_devices 40" in text and "realtime_wakes_pending 40" in text
     [batch] = {apps.local[("alice", d)].pending for d in devices}
     back = await RawClient.open(gateway, token=phone_token(device="crowd-0"))  # comes back
     clients.append(back)

@@ -122,6 +122,18 @@ class BackgroundApps:
         self.counts = node.metrics.wakes
         self.node_id = node.broker.node_id
         node.cluster.on(RELEASE, self._release_request)
+        metrics = node.metrics
+        metrics.gauge(
+            "detached_devices",
+            "Backgrounded apps this node stands in for (arms their wakes).",
+            lambda: len(self.local),
+        )
+        metrics.gauge(
+            "wakes_pending",
+            "Wakes armed and not yet due on this node.",
+            lambda: sum(1 for m in self.local.values() if m.pending is not None),
+        )
+        metrics.gauge("polls_in_flight", "GET /v1/poll being served.", lambda: node.polls.in_flight)
 
     # ------------------------------------------------------------------ detach, attach
 
