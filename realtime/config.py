@@ -283,6 +283,9 @@ class NamespaceConfig:
     presence: bool = False
     # Push join and leave events to the channel's subscribers (needs presence).
     join_leave: bool = False
+    # ...but not to the subscribers on a node where the channel has more than this many
+    # (every join goes to every subscriber: a big room would cost N^2 pushes). 0: no limit.
+    join_leave_max_subscribers: int = 1000
     # Typing indicators: forwarded at most once per typing_throttle seconds per user and
     # channel; receivers are told typing stopped when not renewed within typing_timeout.
     typing: bool = False
@@ -573,6 +576,7 @@ def validate(config: Config) -> None:
             f"{key}.join_leave",
             "needs presence = true in the same namespace",
         )
+        need(ns.join_leave_max_subscribers >= 0, f"{key}.join_leave_max_subscribers", ">= 0")
         need(ns.typing_throttle >= 0, f"{key}.typing_throttle", "must be >= 0")
         need(
             ns.typing_timeout > ns.typing_throttle,

@@ -322,3 +322,29 @@ async def test_memory_broker_expires_entries_that_are_not_refreshed() -> None:
     assert recorder.events[-1][1].kind == JOIN
     await broker.publish_event("elsewhere", ChannelEvent(JOIN, entry))  # not subscribed
     assert len(recorder.events) == 2
+
+
+async def test_join_leave_stop_above_the_subscriber_limit(make_gateway: GatewayFactory) -> None:
+    """Past join_leave_max_subscribers on the node, joins are no longer pushed to everyone
+    (N^2 pushes in a big room); presence queries still answer."""
+    gateway = await make_gateway(
+        namespaces={"room": {"presence": True, "join_leave": True, "join_leave_max_subscribers": 3}}
+    )
+    watcher = await RawClient.open(gateway, token=make_token("watcher"))
+    await watcher.subscribe("room/big")
+    joined: list[str] = []
+    others: list[RawClient] = []
+    for n in range(4):
+        other = await RawClient.open(gateway, token=make_token(f"user-{n}"))
+        others.append(other)
+        await other.subscribe("room/big")
+        if n < 2:  # 2 and 3 subscribers: below the limit, the join is pushed
+            push = await watcher.push()
+            joined.append(push.join.user)
+    assert joined == ["user-0", "user-1"]
+    assert len(await presence(watcher, "room/big")) == 5
+    with pytest.raises(TimeoutError):
+        await watcher.push(timeout=0.3)  # the 4th and 5th subscribers' joins were not
+    assert gateway.node.metrics.channel_events["join_leave_over_limit"] == 2
+    for client in [watcher, *others]:
+        await client.close()

@@ -732,6 +732,10 @@ class Node:
             else:
                 self.hub.typing_stopped(channel, entry.user)
         elif config.join_leave:
+            limit = config.join_leave_max_subscribers
+            if limit and self.hub.subscriber_count(channel) > limit:
+                self.metrics.channel_events["join_leave_over_limit"] += 1
+                return
             info = pb_client_info(event.entry)
             push = pb.Push(channel=channel)
             getattr(push, event.kind).CopyFrom(info)
