@@ -196,6 +196,16 @@ class RawClient:
     async def push(self, timeout: float = 5.0) -> pb.Push:
         return await asyncio.wait_for(self.pushes.get(), timeout)
 
+    def unexpected_pushes(self) -> list[pb.Push]:
+        """The pushes queued now, but the server's pings (every ping_interval, at a phase
+        of the session's own: one may come in any test)."""
+        found = []
+        while not self.pushes.empty():
+            push = self.pushes.get_nowait()
+            if not push.HasField("ping"):
+                found.append(push)
+        return found
+
     async def publication(self, timeout: float = 5.0) -> pb.Push:
         while True:
             push = await self.push(timeout)

@@ -346,7 +346,7 @@ async def test_amqtt_publishes_each_qos_exactly_once(
     ]
     assert all(p.pub.info.user == "device" for p in pushes)
     await asyncio.sleep(0.3)
-    assert app.pushes.empty(), "a publication was delivered twice"
+    assert app.unexpected_pushes() == [], "a publication was delivered twice"
 
     seen = await watcher.finish()
     assert messages(seen) == [
@@ -428,7 +428,7 @@ async def test_amqtt_refused_subscription_and_forbidden_publish(
     push = await app.publication()
     assert (push.channel, bytes(push.pub.data)) == ("rooms/1", b"marker")
     await asyncio.sleep(0.3)
-    assert app.pushes.empty()
+    assert app.unexpected_pushes() == []
     seen = await watcher.finish()
     assert messages(seen) == [("rooms/1", "marker", 1, False)], watcher.describe()
 

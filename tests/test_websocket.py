@@ -471,7 +471,7 @@ async def test_idempotent_client_publish(gateway: Gateway, clients: list[RawClie
     assert again.publish.duplicate and not first.publish.duplicate
     assert (await client.publication()).pub.offset == 1
     await asyncio.sleep(0.1)
-    assert client.pushes.empty()
+    assert client.unexpected_pushes() == []
 
 
 async def test_server_ping_and_dead_connection_detection(
