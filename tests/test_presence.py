@@ -145,7 +145,7 @@ async def test_a_silent_client_leaves_when_its_pings_go_unanswered(
     assert (await next_event(watcher, "join")).user == "ghost"
     ghost._reader.cancel()  # reads nothing more, answers no ping: as if its network died
     while True:  # the watcher answers its pings and stays
-        push = await watcher.push(timeout=8)
+        push = await watcher.push(timeout=8, pings=True)
         if push.HasField("ping"):
             await watcher.send(id=0, ping=pb.PingRequest())
         elif push.HasField("leave"):

@@ -481,7 +481,7 @@ async def test_server_ping_and_dead_connection_detection(
     alive = await RawClient.open(gateway)
     clients.append(alive)
     connect_reply_interval = 1
-    push = await alive.push(timeout=4)
+    push = await alive.push(timeout=4, pings=True)
     assert push.HasField("ping")
     await alive.send(id=0, ping=pb.PingRequest())
     silent = await RawClient.open(gateway)
