@@ -130,6 +130,15 @@ class _Shard:
         self.session_touch: AsyncScript = reg(lua.SESSION_TOUCH)
 
 
+def _history_result(raw: list[Any], newest_first: bool) -> HistoryResult:
+    """The HISTORY script's answer: top offset, epoch, then the publications (newest
+    first when read after a position: `newest_first` turns them oldest first)."""
+    pubs = [decode_publication(message) for message in raw[2:]]
+    if newest_first:
+        pubs.reverse()
+    return HistoryResult(pubs, StreamPosition(int(raw[0]), raw[1].decode()))
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -355,6 +364,22 @@ class RedisBroker(Broker):
         reverse: bool = False,
     ) -> HistoryResult:
         shard = self._shard(channel)
+        keys, args = self._history_call(channel, policy, since, limit, reverse)
+        raw = await self._guard(shard, shard.history(keys=keys, args=args))
+        result = _history_result(raw, since is not None and not reverse)
+        if since is not None and limit > 0:
+            return HistoryResult(result.publications[:limit], result.position)
+        return result
+
+    def _history_call(
+        self,
+        channel: str,
+        policy: HistoryPolicy,
+        since: StreamPosition | None,
+        limit: int = 0,
+        reverse: bool = False,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the HISTORY script."""
         k = self._k
         args: list[Any] = [
             secrets.token_hex(4),
@@ -365,17 +390,7 @@ class RedisBroker(Broker):
             limit,
             1 if reverse else 0,
         ]
-        raw = await self._guard(
-            shard, shard.history(keys=[f"{k}m:{channel}", f"{k}s:{channel}"], args=args)
-        )
-        position = StreamPosition(int(raw[0]), raw[1].decode())
-        pubs = [decode_publication(message) for message in raw[2:]]
-        if since is not None:  # newest first from the script
-            if not reverse:
-                pubs.reverse()
-            if limit > 0:
-                pubs = pubs[:limit]
-        return HistoryResult(pubs, position)
+        return [f"{k}m:{channel}", f"{k}s:{channel}"], args
 
     async def histories(
         self, reads: Mapping[str, tuple[HistoryPolicy, StreamPosition]]
@@ -385,11 +400,6 @@ class RedisBroker(Broker):
         if len(reads) == 1:
             [(channel, (policy, since))] = reads.items()
             return {channel: await self.history(channel, policy, since=since)}
-        groups: dict[int, tuple[_Shard, list[str]]] = {}
-        for channel in reads:
-            shard = self._shard(channel)
-            groups.setdefault(id(shard), (shard, []))[1].append(channel)
-        k = self._k
         found: dict[str, HistoryResult] = {}
 
         async def pipeline(shard: _Shard, names: list[str]) -> list[Any]:
@@ -397,20 +407,8 @@ class RedisBroker(Broker):
             # on every execute.
             pipe = shard.client.pipeline(transaction=False)
             for channel in names:
-                policy, since = reads[channel]
-                pipe.evalsha(
-                    shard.history.sha,
-                    2,
-                    f"{k}m:{channel}",
-                    f"{k}s:{channel}",
-                    secrets.token_hex(4),
-                    max(1, round(policy.meta_ttl)),
-                    _ms(policy.ttl),
-                    since.offset,
-                    since.epoch,
-                    0,
-                    0,
-                )
+                keys, args = self._history_call(channel, *reads[channel])
+                pipe.evalsha(shard.history.sha, len(keys), *keys, *args)
             answers: list[Any] = await pipe.execute()
             return answers
 
@@ -422,21 +420,15 @@ class RedisBroker(Broker):
                 await self._guard(shard, shard.client.script_load(shard.history.script))
                 answers = await self._guard(shard, pipeline(shard, names))
             for channel, raw in zip(names, answers, strict=True):
-                pubs = [decode_publication(message) for message in raw[2:]]
-                pubs.reverse()  # newest first from the script
-                found[channel] = HistoryResult(pubs, StreamPosition(int(raw[0]), raw[1].decode()))
+                found[channel] = _history_result(raw, True)
 
-        await asyncio.gather(*(read(shard, names) for shard, names in groups.values()))
+        await asyncio.gather(*(read(shard, names) for shard, names in self._by_shard(list(reads))))
         return found
 
     async def positions(self, channels: Mapping[str, HistoryPolicy]) -> dict[str, StreamPosition]:
         """The tops of many streams: one POSITIONS script call per instance (a pipeline of
         them past POSITIONS_PER_CALL channels), the instances at once; an instance that is
         down or fails leaves its channels out."""
-        groups: dict[int, tuple[_Shard, list[str]]] = {}
-        for channel in channels:
-            shard = self._shard(channel)
-            groups.setdefault(id(shard), (shard, []))[1].append(channel)
         k = self._k
         tops: dict[str, StreamPosition] = {}
 
@@ -464,7 +456,9 @@ class RedisBroker(Broker):
             for j, channel in enumerate(names):
                 tops[channel] = StreamPosition(int(flat[2 * j]), flat[2 * j + 1].decode())
 
-        await asyncio.gather(*(read(shard, names) for shard, names in groups.values()))
+        await asyncio.gather(
+            *(read(shard, names) for shard, names in self._by_shard(list(channels)))
+        )
         return tops
 
     # ------------------------------------------------------------------ subscriptions

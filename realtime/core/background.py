@@ -156,27 +156,21 @@ class BackgroundApps:
         given: dict[str, StreamPosition] | None = None,
     ) -> dict[str, StreamPosition]:
         """The app went away (`state`): keep its session, stand in for it here."""
-        principal = session.principal
-        assert principal is not None and principal.device
-        user, device = principal.user, principal.device
-        now = self.wall_time()
-        positions = self.positions_of(session, given)
-        self.watch(user, device, now, list(positions))
-        detached = DetachedSession(user, device, state, now, positions, self.node_id)
+        detached = self._detached(session, state, given)
         await self._in_order(
-            (user, device),
+            (detached.user, detached.device),
             self.node.broker.detached_sessions.detach(detached, self.config.detach_ttl),
         )
         event(
             log,
             "app_detached",
             logging.DEBUG,
-            user=user,
-            device=device,
+            user=detached.user,
+            device=detached.device,
             state=state,
-            channels=len(positions),
+            channels=len(detached.positions),
         )
-        return positions
+        return detached.positions
 
     def detach_soon(self, session: Session, state: str) -> None:
         """`detach` for a session that is going away now: its positions are taken at
@@ -188,19 +182,21 @@ class BackgroundApps:
             except BrokerUnavailable as exc:
                 event(log, "detach_failed", logging.WARNING, user=detached.user, error=str(exc))
 
+        detached = self._detached(session, state, None)
+        self._spawn(self._in_order((detached.user, detached.device), write()))
+
+    def _detached(
+        self, session: Session, state: str, given: dict[str, StreamPosition] | None
+    ) -> DetachedSession:
+        """The detached session of `session`'s app, stood in for here from now on."""
         principal = session.principal
         assert principal is not None and principal.device
         now = self.wall_time()
-        detached = DetachedSession(
-            principal.user,
-            principal.device,
-            state,
-            now,
-            self.positions_of(session, None),
-            self.node_id,
+        positions = self.positions_of(session, given)
+        self.watch(principal.user, principal.device, now, list(positions))
+        return DetachedSession(
+            principal.user, principal.device, state, now, positions, self.node_id
         )
-        self.watch(detached.user, detached.device, now, list(detached.positions))
-        self._spawn(self._in_order((detached.user, detached.device), write()))
 
     def watch(self, user: str, device: str, detached_at: float, channels: list[str]) -> None:
         """Stand in for the app in the hub on its push channels (replacing an older one)."""
@@ -243,8 +239,7 @@ class BackgroundApps:
 
     async def attach(self, user: str, device: str) -> DetachedSession | None:
         """The app is back (foreground, or connected again): end its detached session."""
-        if self.forget(user, device):
-            self.counts["cancelled"] += 1
+        self._let_go(user, device)
         return await self._in_order((user, device), self._end_detached(user, device))
 
     async def _end_detached(self, user: str, device: str) -> DetachedSession | None:
@@ -263,16 +258,19 @@ class BackgroundApps:
         """Another node: the app we stand in for came back there."""
         key = (str(body.get("user", "")), str(body.get("device", "")))
         member = self.local.get(key)
-        same = member is not None and member.detached_at == body.get("detached_at")
-        if same and self.forget(*key):  # not when it detached here again since
-            self.counts["cancelled"] += 1
+        if member is not None and member.detached_at == body.get("detached_at"):
+            self._let_go(*key)  # (not when it detached here again since)
         return {}
+
+    def _let_go(self, user: str, device: str) -> None:
+        """The app is back: stop standing in for it; a wake it had pending is cancelled."""
+        if self.forget(user, device):
+            self.counts["cancelled"] += 1
 
     def attach_soon(self, user: str, device: str) -> None:
         """`attach` for a connection that just opened: the stand-in goes at once, the
         store is written in the background (before any later detach of the device)."""
-        if self.forget(user, device):
-            self.counts["cancelled"] += 1
+        self._let_go(user, device)
 
         async def end() -> None:
             with contextlib.suppress(BrokerUnavailable):  # its wake checks the store anyway

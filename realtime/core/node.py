@@ -444,10 +444,8 @@ class Node:
 
     def hold_filter(self, topic_filter: str) -> None:
         """`subscribe_filter` counted at once (the broker subscribes in the background)."""
-        count = self._filter_refs.get(topic_filter, 0)
-        self._filter_refs[topic_filter] = count + 1
-        if count == 0:
-            self.loop.create_task(self.broker.subscribe(topic_filter))
+        if self._count_filter(topic_filter):
+            self._device_task(self.broker.subscribe(topic_filter))
 
     def delivered_position(self, channel: str) -> StreamPosition | None:
         """The position of the last publication of `channel` this node delivered."""
@@ -476,10 +474,14 @@ class Node:
 
     async def subscribe_filter(self, topic_filter: str) -> None:
         """Count a filter subscription on this node; the first one subscribes the broker."""
+        if self._count_filter(topic_filter):
+            await self.broker.subscribe(topic_filter)
+
+    def _count_filter(self, topic_filter: str) -> bool:
+        """One more filter subscription here; True for the first."""
         count = self._filter_refs.get(topic_filter, 0)
         self._filter_refs[topic_filter] = count + 1
-        if count == 0:
-            await self.broker.subscribe(topic_filter)
+        return count == 0
 
     async def unsubscribe_filter(self, topic_filter: str) -> None:
         count = self._filter_refs.get(topic_filter, 0) - 1
@@ -904,8 +906,9 @@ class Node:
         await self.broker.device_registry.touch(user, device, self.wall_time())
 
     def _device_task(self, work: Coroutine[Any, Any, Any]) -> None:
-        """Run device registry work in the background; failures are logged, not raised
-        (a missed touch or prune is made up later)."""
+        """Run device work in the background (registry touches and pruning, the broker
+        subscriptions of stand-ins); failures are logged, not raised (a missed touch or
+        prune is made up later; a lost subscription comes back with the broker's)."""
 
         async def run() -> None:
             try:
